@@ -1,0 +1,5 @@
+import sys
+
+from adaptc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""The ``adaptc`` command line: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from adaptc import __version__
+from adaptc.cli import convert, schema, validate
+
+__all__ = ["main"]
+
+_COMMANDS = (validate, schema, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptc",
+        description="Declarative LoRA adapters for PyTorch: "
+        "validate specs, compile them onto models.",
+    )
+    parser.add_argument("--version", action="version", version=f"adaptc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in _COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 invalid input, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("adaptc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

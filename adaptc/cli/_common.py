@@ -1,0 +1,31 @@
+"""Small helpers shared by the CLI commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+__all__ = ["add_command", "fail"]
+
+
+def add_command(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    summary: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` ends with usage examples."""
+    return sub.add_parser(  # type: ignore[no-any-return]
+        name,
+        help=summary,
+        description=summary,
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def fail(command: str, message: str, code: int = 1) -> int:
+    """Print ``adaptc COMMAND: error: message`` on stderr and return ``code``."""
+    print(f"adaptc {command}: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,36 @@
+"""The spec language: models, loading with located errors, PEFT conversion."""
+
+from adaptc.spec.errors import SpecError, SpecIssue
+from adaptc.spec.load import check_file, load_spec, spec_from_data
+from adaptc.spec.model import (
+    AllLinearTargets,
+    BaseModelRef,
+    LayerSelection,
+    LoraAdapter,
+    NameTargets,
+    RegexTargets,
+    Spec,
+    TypeTargets,
+)
+from adaptc.spec.peft_config import from_peft_config, is_peft_config, to_peft_config
+from adaptc.spec.schema import json_schema
+
+__all__ = [
+    "AllLinearTargets",
+    "BaseModelRef",
+    "LayerSelection",
+    "LoraAdapter",
+    "NameTargets",
+    "RegexTargets",
+    "Spec",
+    "SpecError",
+    "SpecIssue",
+    "TypeTargets",
+    "check_file",
+    "from_peft_config",
+    "is_peft_config",
+    "json_schema",
+    "load_spec",
+    "spec_from_data",
+    "to_peft_config",
+]
