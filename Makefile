@@ -35,6 +35,7 @@ test: lint typecheck unit
 
 schema: $(STAMP)
 	$(BIN)/adaptc schema --out schemas/adapter-spec.v1.json
+	$(BIN)/adaptc schema --format markdown --out docs/spec.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

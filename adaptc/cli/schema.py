@@ -8,7 +8,7 @@ from pathlib import Path
 
 from adaptc._io import atomic_write_text
 from adaptc.cli._common import add_command, fail
-from adaptc.spec.docs import field_reference
+from adaptc.spec.docs import field_reference, splice_reference
 from adaptc.spec.schema import json_schema_text
 
 
@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         adaptc schema --out schemas/adapter-spec.v1.json
         adaptc schema --check schemas/adapter-spec.v1.json   # exit 1 when stale
         adaptc schema --format markdown                      # the field reference
+        adaptc schema --format markdown --out docs/spec.md   # refresh it between the markers
+        adaptc schema --format markdown --check docs/spec.md
         """,
     )
     p.add_argument(
@@ -38,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     text = field_reference() if args.format == "markdown" else json_schema_text()
+    target = args.check or args.out
+    if args.format == "markdown" and target:
+        # a markdown file with the reference markers gets the reference spliced in
+        try:
+            text = splice_reference(Path(target).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return fail("schema", f"cannot update {target}: {exc}")
     if args.check:
         path = Path(args.check)
         if not path.is_file():
