@@ -37,12 +37,12 @@ def test_markdown_out_splices_between_markers(tmp_path, capsys):
     from adaptc.spec.docs import BEGIN_MARKER, END_MARKER
 
     doc = tmp_path / "spec.md"
-    doc.write_text(f"# Title\n\n{BEGIN_MARKER}\nold\n{END_MARKER}\n\n## After\n")
+    doc.write_text(f"# Title\n\n{BEGIN_MARKER}\nSTALE-TEXT\n{END_MARKER}\n\n## After\n")
     assert main(["schema", "--format", "markdown", "--check", str(doc)]) == 1
     assert main(["schema", "--format", "markdown", "--out", str(doc)]) == 0
     text = doc.read_text()
     assert text.startswith("# Title\n") and text.endswith("## After\n")
-    assert field_reference() in text and "old" not in text
+    assert field_reference() in text and "STALE-TEXT" not in text
     assert main(["schema", "--format", "markdown", "--check", str(doc)]) == 0
     doc.write_text("no markers")
     assert main(["schema", "--format", "markdown", "--out", str(doc)]) == 1
