@@ -1,7 +1,25 @@
 """adaptc: a declarative adapter-spec compiler for PyTorch models."""
 
+from adaptc.compiler import AdaptcWarning, CompileError, MergeError, compile, merge
+from adaptc.counting import print_trainable_parameters, trainable_parameters
+from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, SpecError, SpecIssue, load_spec
 
 __version__ = "0.1.0"
 
-__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "load_spec"]
+__all__ = [
+    "AdaptcWarning",
+    "CompileError",
+    "MergeError",
+    "Plan",
+    "Spec",
+    "SpecError",
+    "SpecIssue",
+    "__version__",
+    "build_plan",
+    "compile",
+    "load_spec",
+    "merge",
+    "print_trainable_parameters",
+    "trainable_parameters",
+]

@@ -1,0 +1,90 @@
+"""A structural copy of a model that shares its weights.
+
+Every module is copied (same class, new ``_modules``/``_parameters``/``_buffers`` and
+hook dicts), every parameter becomes a new frozen ``nn.Parameter`` over the *same*
+storage, and shared modules and tied parameters stay shared. The copy can then be
+rewritten freely: the user's model is never touched, and no weight memory is duplicated.
+Running statistics of batch-norm-like layers are cloned, since training updates them in
+place; model configs are deep-copied so the copy can change them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["share_clone", "share_parameter"]
+
+_HOOK_CONTAINERS = (dict, set)
+
+
+def share_parameter(param: nn.Parameter, *, requires_grad: bool = False) -> nn.Parameter:
+    """A new Parameter object over ``param``'s storage."""
+    return nn.Parameter(param.detach(), requires_grad=requires_grad)
+
+
+def share_clone(model: nn.Module) -> nn.Module:
+    """Copy the module tree of ``model``; weights are shared and frozen."""
+    return _Cloner().clone(model)
+
+
+class _Cloner:
+    def __init__(self) -> None:
+        self.modules: dict[int, nn.Module] = {}
+        self.params: dict[int, nn.Parameter] = {}
+        self.configs: dict[int, Any] = {}
+
+    def clone(self, module: nn.Module) -> nn.Module:
+        if id(module) in self.modules:
+            return self.modules[id(module)]
+        new = module.__class__.__new__(module.__class__)
+        self.modules[id(module)] = new
+        state = module.__dict__.copy()
+        for key, value in state.items():
+            if key.startswith("_") and isinstance(value, _HOOK_CONTAINERS):
+                state[key] = copy.copy(value)  # hooks, buffer sets: ours from now on
+            elif _is_config(value):
+                state[key] = self.config(value)
+        state["_parameters"] = {
+            name: None if p is None else self.param(p) for name, p in module._parameters.items()
+        }
+        state["_buffers"] = {
+            name: _own_buffer(module, name, b) for name, b in module._buffers.items()
+        }
+        state["_modules"] = {
+            name: None if child is None else self.clone(child)
+            for name, child in module._modules.items()
+        }
+        new.__dict__.update(state)
+        return new
+
+    def param(self, p: nn.Parameter) -> nn.Parameter:
+        if id(p) not in self.params:
+            self.params[id(p)] = share_parameter(p)
+        return self.params[id(p)]
+
+    def config(self, value: Any) -> Any:
+        if id(value) not in self.configs:
+            self.configs[id(value)] = copy.deepcopy(value)
+        return self.configs[id(value)]
+
+
+def _own_buffer(module: nn.Module, name: str, buf: torch.Tensor | None) -> torch.Tensor | None:
+    if buf is None:
+        return None
+    running = isinstance(module, nn.modules.batchnorm._NormBase) and name in (
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    )
+    return buf.clone() if running else buf
+
+
+def _is_config(value: Any) -> bool:
+    cls = type(value)
+    return cls.__module__.startswith("transformers") and cls.__name__.endswith(
+        ("Config", "GenerationConfig")
+    )

@@ -1,0 +1,182 @@
+"""``compile(model, spec)``: plan, copy, attach branches, trace, insert, (merge).
+
+The pipeline is explicit and one-way::
+
+    spec ──load──► Spec ──build_plan──► Plan
+    model ──share_clone──► copy (shared, frozen weights)
+          ──attach──► branches under target layers, modules_to_save copies, trainable biases
+          ──frontier──► graph modules around every target
+          ──insert_branches──► adapter nodes in each graph
+          ──merge (if spec.merge)──► plain layers with W + s·ΔW
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptc.compiler.clone import share_clone
+from adaptc.compiler.passes import branches_of, insert_branches, merge_graph
+from adaptc.compiler.saved import ModulesToSave
+from adaptc.compiler.trace import AdaptedLayer, frontier, is_adapted_graph
+from adaptc.layers import LoraBranch, rule_for
+from adaptc.plan.plan import Plan, build_plan
+from adaptc.spec import Spec, load_spec
+
+__all__ = ["AdaptcWarning", "CompileError", "Compiled", "compile", "compiled_info", "merge"]
+
+
+class CompileError(ValueError):
+    """The spec cannot be compiled onto this model (one line, says what and where)."""
+
+
+class AdaptcWarning(UserWarning):
+    """Something worth knowing that does not stop compilation."""
+
+
+@dataclass
+class Compiled:
+    """What the compiler knows about a model it produced (kept on the model's root)."""
+
+    spec: Spec
+    plan: Plan
+    active: tuple[str, ...]
+    merged: bool = False
+
+
+def compiled_info(model: nn.Module) -> Compiled | None:
+    info = model.__dict__.get("_adaptc")
+    return info if isinstance(info, Compiled) else None
+
+
+def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:  # noqa: A001 - the public name
+    """A new model with the spec's LoRA adapters; ``model`` is left untouched.
+
+    Base weights are shared with ``model`` (new frozen ``Parameter`` objects over the same
+    storage), adapter weights are new. The first adapter of the spec is active.
+    """
+    spec = load_spec(spec)
+    _check_not_compiled(model, spec)
+    try:
+        plan = build_plan(model, spec)
+    except ValueError as exc:
+        raise CompileError(str(exc)) from None
+    for message in plan.warnings:
+        warnings.warn(message, AdaptcWarning, stacklevel=2)
+    new = share_clone(model)
+    modules = dict(new.named_modules(remove_duplicate=False))
+    leaves = _attach_branches(modules, plan, spec)
+    _make_biases_trainable(new, plan)
+    leaves |= _wrap_modules_to_save(new, plan)
+    holders = _holders(new, leaves)
+    root = frontier(new, lambda m: id(m) in holders, leaves)
+    active = (next(iter(spec.adapters)),)
+    for module in root.modules():
+        if is_adapted_graph(module):
+            insert_branches(module, active)  # type: ignore[arg-type]
+    root.__dict__["_adaptc"] = Compiled(spec, plan, active)
+    return merge(root) if spec.merge else root
+
+
+@torch.no_grad()
+def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = True) -> nn.Module:
+    """A new model with the adapters folded into the base weights and no adapter nodes.
+
+    The unmerged ``model`` (and the user's original) stay valid and unchanged. ``safe``
+    checks that merged weights are finite and names the adapter and module when not.
+    """
+    info = compiled_info(model)
+    if info is None:
+        raise CompileError("merge() takes a model returned by adaptc.compile()")
+    names = adapters if adapters is not None else list(info.active)
+    new = share_clone(model)
+    for module in list(new.modules()):
+        if is_adapted_graph(module):
+            merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
+    new = _unwrap_adapted_layers(new)
+    new.__dict__["_adaptc"] = Compiled(info.spec, info.plan, tuple(names), merged=True)
+    return new
+
+
+def _check_not_compiled(model: nn.Module, spec: Spec) -> None:
+    existing = {m.adapter for m in model.modules() if isinstance(m, LoraBranch)}
+    twice = sorted(existing & set(spec.adapters))
+    if twice:
+        raise CompileError(
+            f"the model already has adapter {twice[0]!r} (it was compiled by adaptc); "
+            "compile the original model, or give the new adapter another name"
+        )
+    if existing or compiled_info(model) is not None:
+        raise CompileError(
+            "the model was already compiled by adaptc; compile the original model with a spec "
+            "that lists every adapter"
+        )
+
+
+def _attach_branches(modules: dict[str, nn.Module], plan: Plan, spec: Spec) -> set[int]:
+    """Build each planned branch under its (copied) layer; returns the ids of target layers."""
+    leaves: set[int] = set()
+    for target in plan.targets:
+        layer = modules[target.path]
+        rule = rule_for(layer)
+        assert rule is not None
+        branch, replaced = rule.make_branch(layer, target.branch_config(spec.adapters[target.adapter]))
+        for name, tensor in replaced.items():  # PiSSA/OLoRA residuals: new tensors, ours only
+            layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        layer.add_module(f"lora_{target.adapter}", branch)
+        leaves.add(id(layer))
+    return leaves
+
+
+def _make_biases_trainable(model: nn.Module, plan: Plan) -> None:
+    """Trainable biases get their own storage, so training never writes into the original."""
+    for name, _ in plan.trainable_biases:
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        p = owner._parameters[attr]
+        if p is not None and not p.requires_grad:
+            owner._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=True)
+
+
+def _wrap_modules_to_save(model: nn.Module, plan: Plan) -> set[int]:
+    by_path: dict[str, list[str]] = {}
+    for adapter, path, _ in plan.modules_to_save:
+        by_path.setdefault(path, []).append(adapter)
+    wrapped: set[int] = set()
+    for path, adapters in by_path.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        wrapper = ModulesToSave(parent._modules[name], adapters)  # type: ignore[arg-type]
+        parent._modules[name] = wrapper
+        wrapped.add(id(wrapper))
+    return wrapped
+
+
+def _holders(model: nn.Module, leaves: set[int]) -> set[int]:
+    """Ids of the leaves and of every module that contains one."""
+    holders: set[int] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in leaves:
+            holders.add(id(module))
+            parts = path.split(".") if path else []
+            for i in range(len(parts)):
+                holders.add(id(model.get_submodule(".".join(parts[:i]))))
+    return holders
+
+
+def _unwrap_adapted_layers(model: nn.Module) -> nn.Module:
+    """After merging, an ``AdaptedLayer`` is just its layer: put the layer back in its place."""
+    if isinstance(model, AdaptedLayer):
+        return model.base_layer  # type: ignore[no-any-return]
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, AdaptedLayer):
+                module._modules[name] = child.base_layer  # type: ignore[assignment]
+    return model
+
+
+_ = branches_of

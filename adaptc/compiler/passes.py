@@ -1,0 +1,144 @@
+"""Passes over the compiler's graph modules: insert the LoRA branches, merge them away.
+
+Each adapted graph module keeps its base graph (no adapter nodes) in
+``meta["adaptc"]["base_graph"]``; both passes start from it, so switching adapters or
+merging never accumulates edits. New nodes are tagged in ``node.meta["adaptc"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from adaptc.layers import LoraBranch, rule_for
+
+__all__ = ["MergeError", "branches_of", "insert_branches", "merge_graph", "target_nodes"]
+
+
+class MergeError(ValueError):
+    """A merged weight is not finite (safe merge)."""
+
+
+def branches_of(layer: nn.Module, adapters: Sequence[str] | None = None) -> list[LoraBranch]:
+    """The branches hanging under ``layer``, in ``adapters`` order (all when None)."""
+    found = {b.adapter: b for b in layer.children() if isinstance(b, LoraBranch)}
+    if adapters is None:
+        return list(found.values())
+    return [found[a] for a in adapters if a in found]
+
+
+def target_nodes(gm: fx.GraphModule, graph: fx.Graph) -> Iterator[tuple[fx.Node, nn.Module]]:
+    """``call_module`` nodes of ``graph`` whose module carries LoRA branches."""
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if branches_of(module):
+                yield node, module
+
+
+def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
+    """Rebuild ``gm``'s graph from its base graph with the branches of ``active`` adapters.
+
+    Before (a traced MLP whose ``fc`` is a target)::
+
+        def forward(self, x):
+            fc = self.fc(x);  x = None
+            relu = torch.relu(fc);  fc = None
+            return relu
+
+    After, with adapter ``default`` (r 8, lora_alpha 16)::
+
+        def forward(self, x):
+            fc = self.fc(x)
+            fc_lora_default_lora_a = self.fc.lora_default.lora_A(x);  x = None
+            fc_lora_default_lora_b = self.fc.lora_default.lora_B(fc_lora_default_lora_a)
+            mul = fc_lora_default_lora_b * 2.0
+            add = fc + mul;  fc = mul = None
+            relu = torch.relu(add);  add = None
+            return relu
+
+    Returns the number of branch sites emitted (a layer called twice counts twice).
+    """
+    graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
+    sites = 0
+    for node, layer in target_nodes(gm, graph):
+        rule = rule_for(layer)
+        assert rule is not None, f"no rule for {type(layer).__name__}"
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        assert isinstance(x, fx.Node)
+        current = node
+        for branch in branches_of(layer, active):
+            before = set(graph.nodes)
+            out = rule.emit(
+                graph,
+                x,
+                current,
+                base=layer,
+                base_path=str(node.target),
+                branch=branch,
+                branch_path=f"{node.target}.lora_{branch.adapter}",
+            )
+            new = set(graph.nodes) - before
+            for n in new:
+                n.meta["adaptc"] = {"adapter": branch.adapter, "target": branch.target}
+            current.replace_all_uses_with(out, delete_user_cb=lambda user, new=new: user not in new)
+            current = out
+            sites += 1
+    graph.lint()
+    gm.graph = graph
+    gm.recompile()
+    return sites
+
+
+@torch.no_grad()
+def merge_graph(gm: fx.GraphModule, adapters: Sequence[str], *, safe: bool = True) -> None:
+    """Fold ``adapters`` into new base weights and drop every branch from ``gm``.
+
+    The layers that carried branches are replaced by copies holding ``W + s·ΔW`` (new
+    tensors: the unmerged model and the user's model stay valid); the graph goes back to
+    the base graph, so the forward costs what the base model's does.
+    """
+    graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
+    merged: dict[int, nn.Module] = {}
+    for node, layer in target_nodes(gm, graph):
+        if id(layer) not in merged:
+            merged[id(layer)] = merged_layer(layer, adapters, safe=safe)
+        gm.set_submodule(str(node.target), merged[id(layer)])
+    gm.graph = graph
+    gm.recompile()
+
+
+def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn.Module:
+    """A copy of ``layer`` with the branches of ``adapters`` merged in and none attached."""
+    rule = rule_for(layer)
+    assert rule is not None
+    weight = layer.weight
+    bias = getattr(layer, "bias", None)
+    assert isinstance(weight, torch.Tensor)
+    for branch in branches_of(layer, adapters):
+        result = rule.merge(layer, branch, weight)
+        weight = result.weight
+        if result.bias is not None:
+            bias = result.bias
+        if safe and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise MergeError(
+                f"merging adapter {branch.adapter!r} into {branch.target} gives non-finite "
+                "weights; the adapter seems broken"
+            )
+    new = copy.copy(layer)  # shallow: a new __dict__, same tensors until replaced below
+    new._modules = {k: m for k, m in layer._modules.items() if not isinstance(m, LoraBranch)}
+    new._parameters = dict(layer._parameters)
+    new._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None and "bias" in new._parameters:
+        new._parameters["bias"] = (
+            bias if isinstance(bias, nn.Parameter) and bias is layer.bias
+            else nn.Parameter(bias.detach(), requires_grad=False)
+        )
+    for hooks in ("_forward_hooks", "_forward_pre_hooks"):
+        if hooks in new.__dict__:
+            new.__dict__[hooks] = copy.copy(new.__dict__[hooks])
+    return new
+

@@ -1,0 +1,153 @@
+"""The traceable frontier: the largest subtrees that torch.fx traces and that hold targets.
+
+``symbolic_trace`` fails on whole transformers models but works on custom models and on
+the small modules inside HF models (MLP blocks, linear layers). :func:`frontier` tries a
+module; if it does not trace, it recurses into the children that contain targets. A
+target that no ancestor can trace becomes its own small graph, :class:`AdaptedLayer`, with
+the layer as ``base_layer`` (PEFT's name), so every target ends up as a ``call_module``
+node in some graph. Traced subtrees keep their children, parameters, buffers and plain
+attributes, so the parents' code that reads them keeps working.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx, nn
+
+__all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
+
+# Names a GraphModule uses itself: never copied over from the traced module.
+_RESERVED = {"graph", "code", "training", "meta", "forward", "_graph", "_code"}
+
+
+class AdaptedLayer(fx.GraphModule):
+    """A single target layer in a graph of its own; attributes fall back to ``base_layer``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "base_layer" in modules and name not in ("base_layer",):
+                return getattr(modules["base_layer"], name)
+            raise
+
+
+def is_adapted_graph(module: nn.Module) -> bool:
+    """True for a graph module made by the compiler (its ``meta["adaptc"]`` holds the base graph)."""
+    return isinstance(module, fx.GraphModule) and "adaptc" in getattr(module, "meta", {})
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[int]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def frontier(
+    root: nn.Module, holds_target: Callable[[nn.Module], bool], leaves: set[int]
+) -> nn.Module:
+    """Replace the subtrees of ``root`` that hold targets with graph modules (in place).
+
+    ``holds_target(m)`` says whether ``m`` is or contains a target; ``leaves`` are the ids
+    of modules the tracer must not enter (targets, modules_to_save wrappers). Returns the
+    new root, which is ``root`` itself unless the whole model traced.
+    """
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module) -> nn.Module:
+        if id(module) in done:  # a module shared by several parents is rewritten once
+            return done[id(module)]
+        if id(module) in leaves:
+            result: nn.Module = _wrap_leaf(module)
+        else:
+            traced = _try_trace(module, leaves)
+            if traced is not None:
+                result = traced
+            else:
+                for name, child in module._modules.items():
+                    if child is not None and holds_target(child):
+                        module._modules[name] = visit(child)
+                result = module
+        done[id(module)] = result
+        return result
+
+    return visit(root) if holds_target(root) else root
+
+
+def _try_trace(module: nn.Module, leaves: set[int]) -> fx.GraphModule | None:
+    """A graph module for ``module``, or None when it cannot be traced faithfully."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _plain_signature(module):
+        return None
+    was_training = module.training
+    try:
+        graphs = []
+        for mode in (True, False):  # code that branches on self.training must not be frozen
+            module.train(mode)
+            graphs.append(_LeafTracer(leaves).trace(module))
+    except Exception:  # torch.fx raises many kinds of errors on untraceable code
+        return None
+    finally:
+        module.train(was_training)
+    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        return None
+    return _graph_module(module, graphs[1], type(module).__name__)
+
+
+def _plain_signature(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return not any(p.kind in variadic for p in params)
+
+
+def _graph_module(
+    module: nn.Module, graph: fx.Graph, class_name: str, cls: type[fx.GraphModule] = fx.GraphModule
+) -> fx.GraphModule:
+    gm = cls(module, graph, class_name=class_name)
+    # GraphModule copies only what the graph touches, and fills paths with plain Modules:
+    # put back the real children (ModuleList stays a ModuleList) and everything else.
+    for name, child in module._modules.items():
+        gm._modules[name] = child
+    for name, p in module._parameters.items():
+        if name not in gm._parameters and p is not None:
+            gm.register_parameter(name, p)
+    for name, b in module._buffers.items():
+        if name not in gm._buffers and b is not None:
+            persistent = name not in module._non_persistent_buffers_set
+            gm.register_buffer(name, b, persistent=persistent)
+    for name, value in module.__dict__.items():
+        if not name.startswith("_") and name not in _RESERVED and name not in gm.__dict__:
+            gm.__dict__[name] = value
+    gm.train(module.training)
+    # the graph without adapters, kept to re-emit branches (switching) and for merge;
+    # GraphModule.meta survives deepcopy, unlike ad-hoc attributes
+    gm.meta["adaptc"] = {"base_graph": copy.deepcopy(graph), "source": type(module).__name__}
+    return gm
+
+
+def _wrap_leaf(layer: nn.Module) -> fx.GraphModule:
+    holder = nn.Module()
+    holder.base_layer = layer
+    holder.train(layer.training)
+    graph = fx.Graph()
+    x = graph.placeholder(_first_arg_name(layer))
+    graph.output(graph.call_module("base_layer", (x,)))
+    return _graph_module(holder, graph, f"Adapted{type(layer).__name__}", cls=AdaptedLayer)
+
+
+def _first_arg_name(layer: nn.Module) -> str:
+    try:
+        params = list(inspect.signature(layer.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    return params[0] if params else "input"

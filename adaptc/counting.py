@@ -1,0 +1,25 @@
+"""Parameter counts, printed exactly as PEFT prints them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["print_trainable_parameters", "trainable_parameters"]
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` over the model's distinct parameters (tied ones count once)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")

@@ -1,0 +1,173 @@
+"""``nn.Linear`` and transformers' ``Conv1D`` (a linear layer whose weight is (in, out))."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import skip_init
+
+from adaptc.layers.base import BranchConfig, LayerRule, adapter_dtype
+from adaptc.layers.branch import LoraBranch
+from adaptc.layers.init import init_factors
+
+__all__ = ["Conv1DRule", "LinearRule", "emit_linear_branch", "transpose"]
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class LinearRule(LayerRule):
+    """``y = W₀x + b + s·B·A·x`` with ``A``: ``nn.Linear(in, r)``, ``B``: ``nn.Linear(r, out)``."""
+
+    name = "nn.Linear"
+    layer_type = nn.Linear
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Linear)
+        return module.in_features, module.out_features
+
+    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
+        return False  # nn.Linear stores (out, in); PEFT also resets a requested True
+
+    def make_branch(
+        self, module: nn.Module, cfg: BranchConfig
+    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+        if cfg.use_dora:
+            from adaptc.layers.dora import make_dora_branch
+
+            return make_dora_branch(self, module, cfg)
+        return make_linear_branch(self, module, cfg)
+
+    def emit(
+        self,
+        graph: fx.Graph,
+        x: fx.Node,
+        base_out: fx.Node,
+        *,
+        base: nn.Module,
+        base_path: str,
+        branch: LoraBranch,
+        branch_path: str,
+    ) -> fx.Node:
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import emit_dora_branch
+
+            return emit_dora_branch(
+                self, graph, x, base_out, base=base, base_path=base_path, branch=branch,
+                branch_path=branch_path,
+            )
+        return emit_linear_branch(graph, x, base_out, base=base, branch=branch, branch_path=branch_path)
+
+    def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
+        A, B = branch.lora_A.weight, branch.lora_B.weight
+        assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+        fifo = self.fan_in_fan_out(module, branch.fan_in_fan_out)
+        return transpose(B @ A, fifo) * branch.scaling
+
+
+class Conv1DRule(LinearRule):
+    """transformers' ``Conv1D`` (GPT-2): weight (in, out), so ``fan_in_fan_out`` is forced on."""
+
+    name = "transformers.Conv1D"
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        self.layer_type = Conv1D
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        fan_in, fan_out = weight.shape
+        return int(fan_in), int(fan_out)
+
+    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
+        return True
+
+
+def make_linear_branch(
+    rule: LayerRule, module: nn.Module, cfg: BranchConfig
+) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+    """A plain LoRA branch for a linear-like layer, initialised per ``cfg.init``."""
+    fan_in, fan_out = rule.features(module)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
+    lora_A = skip_init(nn.Linear, fan_in, cfg.r, bias=False, **kw)
+    lora_B = skip_init(nn.Linear, cfg.r, fan_out, bias=cfg.lora_bias, **kw)
+    fifo = rule.fan_in_fan_out(module, cfg.fan_in_fan_out)
+    replaced: dict[str, torch.Tensor] = {}
+    if weight.device.type != "meta":
+        residual = init_factors(
+            lora_A.weight,
+            lora_B.weight,
+            lora_B.bias,
+            init=cfg.init,
+            scaling=cfg.scaling,
+            weight=transpose(weight, fifo),
+            pissa_niter=cfg.pissa_niter,
+        )
+        if residual is not None:
+            replaced["weight"] = transpose(residual, fifo).contiguous()
+    branch = LoraBranch(
+        lora_A,
+        lora_B,
+        scaling=cfg.scaling,
+        dropout=cfg.lora_dropout,
+        adapter=cfg.adapter,
+        target=cfg.target,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_bias=cfg.lora_bias,
+        fan_in_fan_out=fifo,
+    )
+    return branch, replaced
+
+
+def emit_linear_branch(
+    graph: fx.Graph,
+    x: fx.Node,
+    base_out: fx.Node,
+    *,
+    base: nn.Module,
+    branch: LoraBranch,
+    branch_path: str,
+) -> fx.Node:
+    """``out = base_out + lora_B(lora_A(dropout(x))) * s`` as graph nodes (casts only if needed).
+
+    Before::
+
+        def forward(self, x):
+            fc = self.fc(x);  x = None
+            return fc
+
+    After (r = 8, lora_alpha = 16, dropout 0)::
+
+        def forward(self, x):
+            fc = self.fc(x)
+            fc_lora_default_lora_a = self.fc.lora_default.lora_A(x);  x = None
+            fc_lora_default_lora_b = self.fc.lora_default.lora_B(fc_lora_default_lora_a)
+            mul = fc_lora_default_lora_b * 2.0
+            add = fc + mul;  fc = mul = None
+            return add
+    """
+    base_weight = base.weight
+    lora_weight = branch.lora_A.weight
+    assert isinstance(base_weight, torch.Tensor) and isinstance(lora_weight, torch.Tensor)
+    cast = base_weight.dtype != lora_weight.dtype
+    with graph.inserting_before(base_out.next):
+        h = x
+        if cast:
+            h = graph.call_method("to", (h, lora_weight.dtype))
+        if branch.lora_dropout is not None:
+            h = graph.call_module(f"{branch_path}.lora_dropout", (h,))
+        a = graph.call_module(f"{branch_path}.lora_A", (h,))
+        b = graph.call_module(f"{branch_path}.lora_B", (a,))
+        scaled = graph.call_function(operator.mul, (b, branch.scaling))
+        out = graph.call_function(operator.add, (base_out, scaled))
+        if cast:
+            out = graph.call_method("to", (out, base_weight.dtype))
+    return out
