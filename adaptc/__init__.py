@@ -2,6 +2,7 @@
 
 from adaptc.compiler import AdaptcWarning, CompileError, MergeError, compile, merge
 from adaptc.counting import print_trainable_parameters, trainable_parameters
+from adaptc import layers
 from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, SpecError, SpecIssue, load_spec
 
@@ -17,6 +18,7 @@ __all__ = [
     "SpecIssue",
     "__version__",
     "build_plan",
+    "layers",
     "compile",
     "load_spec",
     "merge",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adaptc.compiler.clone import share_clone
-from adaptc.compiler.passes import branches_of, insert_branches, merge_graph
+from adaptc.compiler.passes import insert_branches, merge_graph
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.trace import AdaptedLayer, frontier, is_adapted_graph
 from adaptc.layers import LoraBranch, rule_for
@@ -53,7 +53,7 @@ def compiled_info(model: nn.Module) -> Compiled | None:
     return info if isinstance(info, Compiled) else None
 
 
-def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:  # noqa: A001 - the public name
+def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     """A new model with the spec's LoRA adapters; ``model`` is left untouched.
 
     Base weights are shared with ``model`` (new frozen ``Parameter`` objects over the same
@@ -124,7 +124,9 @@ def _attach_branches(modules: dict[str, nn.Module], plan: Plan, spec: Spec) -> s
         layer = modules[target.path]
         rule = rule_for(layer)
         assert rule is not None
-        branch, replaced = rule.make_branch(layer, target.branch_config(spec.adapters[target.adapter]))
+        branch, replaced = rule.make_branch(
+            layer, target.branch_config(spec.adapters[target.adapter])
+        )
         for name, tensor in replaced.items():  # PiSSA/OLoRA residuals: new tensors, ours only
             layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
         layer.add_module(f"lora_{target.adapter}", branch)
@@ -175,8 +177,5 @@ def _unwrap_adapted_layers(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for name, child in list(module._modules.items()):
             if isinstance(child, AdaptedLayer):
-                module._modules[name] = child.base_layer  # type: ignore[assignment]
+                module._modules[name] = child.base_layer
     return model
-
-
-_ = branches_of

@@ -8,7 +8,7 @@ merging never accumulates edits. New nodes are tagged in ``node.meta["adaptc"]``
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -84,13 +84,16 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
             new = set(graph.nodes) - before
             for n in new:
                 n.meta["adaptc"] = {"adapter": branch.adapter, "target": branch.target}
-            current.replace_all_uses_with(out, delete_user_cb=lambda user, new=new: user not in new)
+            current.replace_all_uses_with(out, delete_user_cb=_outside(new))
             current = out
             sites += 1
     graph.lint()
-    gm.graph = graph
-    gm.recompile()
+    gm.graph = graph  # the setter recompiles
     return sites
+
+
+def _outside(nodes: set[fx.Node]) -> Callable[[fx.Node], bool]:
+    return lambda user: user not in nodes
 
 
 @torch.no_grad()
@@ -107,8 +110,7 @@ def merge_graph(gm: fx.GraphModule, adapters: Sequence[str], *, safe: bool = Tru
         if id(layer) not in merged:
             merged[id(layer)] = merged_layer(layer, adapters, safe=safe)
         gm.set_submodule(str(node.target), merged[id(layer)])
-    gm.graph = graph
-    gm.recompile()
+    gm.graph = graph  # the setter recompiles
 
 
 def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn.Module:
@@ -123,7 +125,9 @@ def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn
         weight = result.weight
         if result.bias is not None:
             bias = result.bias
-        if safe and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+        if safe and not (
+            torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
+        ):
             raise MergeError(
                 f"merging adapter {branch.adapter!r} into {branch.target} gives non-finite "
                 "weights; the adapter seems broken"
@@ -134,11 +138,11 @@ def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn
     new._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None and "bias" in new._parameters:
         new._parameters["bias"] = (
-            bias if isinstance(bias, nn.Parameter) and bias is layer.bias
+            bias
+            if isinstance(bias, nn.Parameter) and bias is layer.bias
             else nn.Parameter(bias.detach(), requires_grad=False)
         )
     for hooks in ("_forward_hooks", "_forward_pre_hooks"):
         if hooks in new.__dict__:
             new.__dict__[hooks] = copy.copy(new.__dict__[hooks])
     return new
-

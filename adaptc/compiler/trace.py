@@ -12,6 +12,7 @@ attributes, so the parents' code that reads them keeps working.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +39,7 @@ class AdaptedLayer(fx.GraphModule):
 
 
 def is_adapted_graph(module: nn.Module) -> bool:
-    """True for a graph module made by the compiler (its ``meta["adaptc"]`` holds the base graph)."""
+    """True for a graph module made by the compiler (``meta["adaptc"]`` holds its base graph)."""
     return isinstance(module, fx.GraphModule) and "adaptc" in getattr(module, "meta", {})
 
 
@@ -96,18 +97,31 @@ def _try_trace(module: nn.Module, leaves: set[int]) -> fx.GraphModule | None:
         return None
     finally:
         module.train(was_training)
-    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+    if _fingerprint(graphs[0]) != _fingerprint(graphs[1]):
         return None
     return _graph_module(module, graphs[1], type(module).__name__)
 
 
+def _fingerprint(graph: fx.Graph) -> list[tuple[str, str, str, str]]:
+    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
+
+
 def _plain_signature(module: nn.Module) -> bool:
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
+    params = _parameters(type(module))  # type: ignore[arg-type]
+    if params is None:
         return False
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return not any(p.kind in variadic for p in params)
+
+
+@functools.cache
+def _parameters(cls: Any) -> tuple[inspect.Parameter, ...] | None:
+    """The parameters of ``cls.forward`` without ``self`` (per class: inspect is slow)."""
+    try:
+        params = tuple(inspect.signature(cls.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[1:]
 
 
 def _graph_module(
@@ -146,8 +160,5 @@ def _wrap_leaf(layer: nn.Module) -> fx.GraphModule:
 
 
 def _first_arg_name(layer: nn.Module) -> str:
-    try:
-        params = list(inspect.signature(layer.forward).parameters)
-    except (TypeError, ValueError):
-        params = []
-    return params[0] if params else "input"
+    params = _parameters(type(layer))  # type: ignore[arg-type]
+    return params[0].name if params else "input"

@@ -83,12 +83,17 @@ class LayerRule(ABC):
                 f"{cfg.target}: r={cfg.r} is larger than the layer allows for init "
                 f"{cfg.init!r} (min(in, out) = {min(fan_in, fan_out)})"
             )
+        warnings = []
         if cfg.r > min(fan_in, fan_out):
-            return [
+            warnings.append(
                 f"{cfg.target}: r={cfg.r} exceeds min(in_features, out_features) = "
                 f"{min(fan_in, fan_out)}; the update cannot use the extra rank"
-            ]
-        return []
+            )
+        if cfg.lora_bias and getattr(module, "bias", None) is None:
+            warnings.append(
+                f"{cfg.target}: lora_bias on a layer that has no bias: merging will not be possible"
+            )
+        return warnings
 
     @abstractmethod
     def make_branch(
@@ -127,7 +132,7 @@ class LayerRule(ABC):
             if bias is None:
                 raise ValueError(f"{branch.target}: cannot merge lora_bias, the layer has no bias")
             lora_b_bias = branch.lora_B.bias
-            assert lora_b_bias is not None
+            assert isinstance(lora_b_bias, torch.Tensor)
             new_bias = bias + (lora_b_bias * branch.scaling).to(bias.dtype)
         return Merged(new_weight, new_bias)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -194,9 +194,15 @@ def _plan_target(
         fan_in_fan_out=rule.fan_in_fan_out(module, adapter.fan_in_fan_out),
     )
     cfg = planned.branch_config(adapter)
-    branch, _ = rule.make_branch(_meta_twin(module), cfg)
-    n = sum(p.numel() for p in branch.parameters())
-    return PlannedTarget(**{**asdict(planned), "params": n})
+    shapes = tuple((k, tuple(p.shape)) for k, p in module.named_parameters(recurse=False))
+    key = (rule.name, type(module), shapes, replace(cfg, target="", adapter=""))
+    if key not in _PARAM_COUNTS:  # layers of one shape have one count: build one meta branch
+        branch, _ = rule.make_branch(_meta_twin(module), cfg)
+        _PARAM_COUNTS[key] = sum(p.numel() for p in branch.parameters())
+    return replace(planned, params=_PARAM_COUNTS[key])
+
+
+_PARAM_COUNTS: dict[tuple[Any, ...], int] = {}
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:

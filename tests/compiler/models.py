@@ -88,8 +88,13 @@ def tiny_hf(family: str) -> nn.Module:
     torch.manual_seed(0)
     if family == "opt":
         cfg = tf.OPTConfig(
-            hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
-            vocab_size=64, max_position_embeddings=32, word_embed_proj_dim=16,
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=2,
+            vocab_size=64,
+            max_position_embeddings=32,
+            word_embed_proj_dim=16,
         )
         return tf.OPTForCausalLM(cfg)
     if family == "gpt2":
@@ -97,20 +102,36 @@ def tiny_hf(family: str) -> nn.Module:
         return tf.GPT2LMHeadModel(cfg)
     if family == "llama":
         cfg = tf.LlamaConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+            max_position_embeddings=32,
         )
         return tf.LlamaForCausalLM(cfg)
     if family == "mt5":
         cfg = tf.MT5Config(
-            d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
-            vocab_size=64, decoder_start_token_id=0,
+            d_model=16,
+            d_ff=32,
+            d_kv=8,
+            num_heads=2,
+            num_layers=2,
+            num_decoder_layers=2,
+            vocab_size=64,
+            decoder_start_token_id=0,
         )
         return tf.MT5ForConditionalGeneration(cfg)
     if family == "bert":
         cfg = tf.BertConfig(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            vocab_size=64, max_position_embeddings=32, num_labels=3,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=64,
+            max_position_embeddings=32,
+            num_labels=3,
         )
         return tf.BertForSequenceClassification(cfg)
     raise ValueError(family)

@@ -103,7 +103,9 @@ def test_regex_exclude_and_layers_match_peft():
 
 
 def test_modules_to_save_match_peft():
-    data = _spec({"kind": "names", "names": ["query", "value"]}, {"modules_to_save": ["classifier"]})
+    data = _spec(
+        {"kind": "names", "names": ["query", "value"]}, {"modules_to_save": ["classifier"]}
+    )
     data["task_type"] = "SEQ_CLS"
     model = tiny_hf("bert")
     peft_model, compiled = build_pair(model, data)
@@ -116,15 +118,15 @@ def test_modules_to_save_match_peft():
             ours.add_(1.0)
             theirs.add_(1.0)
     _compare(peft_model, compiled, hf_inputs("bert"))
-    assert adaptc.trainable_parameters(compiled) == tuple(
-        peft_model.get_nb_trainable_parameters()
-    )
+    assert adaptc.trainable_parameters(compiled) == tuple(peft_model.get_nb_trainable_parameters())
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_parameter_counts_match_peft(bias):
     model = tiny_hf("opt")
-    data = _spec({"kind": "names", "names": ["q_proj", "v_proj"]}, {"bias": bias, "lora_bias": False})
+    data = _spec(
+        {"kind": "names", "names": ["q_proj", "v_proj"]}, {"bias": bias, "lora_bias": False}
+    )
     spec = adaptc.load_spec(data)
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
     compiled = adaptc.compile(model, spec)
@@ -152,7 +154,9 @@ def test_seed_custom_dummy_model_matches_peft():
 def test_data_driven_init_matches_peft_without_copying(init):
     """PiSSA and OLoRA are deterministic: same factors and same residual base as peft."""
     model = NestedMLP(dim=12)
-    spec = adaptc.load_spec(_spec({"kind": "names", "names": ["fc1", "fc2"]}, {"r": 4, "init": init}))
+    spec = adaptc.load_spec(
+        _spec({"kind": "names", "names": ["fc1", "fc2"]}, {"r": 4, "init": init})
+    )
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
     compiled = adaptc.compile(model, spec)
     x = torch.randn(3, 12)
