@@ -152,6 +152,7 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
             adapter,
             supported=lambda m: rule_for(m) is not None,
             supported_names=supported_names(),
+            task_type=spec.task_type,
         )
         warnings.extend(match.warnings)
         for path in match.targets:
@@ -163,8 +164,9 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
             targets.append(planned)
             if adapter.bias == "lora_only" and getattr(module, "bias", None) is not None:
                 bias_paths.add(f"{path}.bias")
-        for path in match.modules_to_save:
-            saved.append((name, path, sum(p.numel() for p in modules[path].parameters())))
+        for path in match.modules_to_save:  # get_submodule: a saved module may have two names
+            params = model.get_submodule(path).parameters()
+            saved.append((name, path, sum(p.numel() for p in params)))
         if adapter.bias == "all":
             bias_paths.update(n for n, _ in model.named_parameters() if "bias" in n)
     params = dict(model.named_parameters())

@@ -128,6 +128,11 @@ def to_peft_config(
     elif isinstance(a.targets, RegexTargets):
         cfg["target_modules"] = a.targets.pattern
     elif isinstance(a.targets, AllLinearTargets):
+        if a.layers is not None:  # PEFT refuses layers_to_transform with "all-linear"
+            raise ValueError(
+                "targets 'all-linear' with layers has no PEFT equivalent: compile the spec "
+                "onto a model (the saved adapter_config.json lists the resolved module names)"
+            )
         cfg["target_modules"] = "all-linear"
     elif isinstance(a.targets, TypeTargets):
         raise ValueError(

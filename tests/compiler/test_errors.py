@@ -96,3 +96,11 @@ def test_no_warning_for_a_clean_compile():
         warnings.simplefilter("error", adaptc.AdaptcWarning)
         compile_(tiny_hf("llama"), targets=names("q_proj"), r=4)
     assert torch.is_grad_enabled()
+
+
+def test_multihead_attention_is_refused_clearly():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(adaptc.CompileError) as info:
+        compile_(model, targets={"kind": "types", "types": ["nn.MultiheadAttention"]})
+    assert "is an nn.MultiheadAttention, which adaptc does not adapt yet" in str(info.value)
+    assert "'0.out_proj'" in str(info.value)

@@ -152,6 +152,12 @@ def test_adaptc_reads_what_peft_saves(name, adapter, top, kwargs, tmp_path):
     assert load_spec(tmp_path / "adapter_config.json") == _spec(adapter, top)
 
 
+def test_all_linear_with_layers_has_no_peft_form():
+    spec = _spec({"targets": {"kind": "all-linear"}, "layers": {"indices": [0]}}, {})
+    with pytest.raises(ValueError, match="'all-linear' with layers has no PEFT equivalent"):
+        spec.to_peft_config()
+
+
 def test_target_names_are_written_sorted():
     spec = _spec({"targets": {"kind": "names", "names": ["v_proj", "k_proj", "q_proj"]}}, {})
     assert spec.to_peft_config()["target_modules"] == ["k_proj", "q_proj", "v_proj"]

@@ -1,0 +1,1 @@
+"""The planner: decides which modules of a model get which adapter layer."""
