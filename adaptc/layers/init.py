@@ -62,13 +62,14 @@ def init_factors(
         raise ValueError(f"unknown init {init!r}")
     A.copy_(a)
     B.copy_(b)
-    return (w - scaling * b @ a).to(weight.dtype)
+    residual: torch.Tensor = (w - scaling * b @ a).to(weight.dtype)
+    return residual
 
 
 def _linear_default(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``nn.Linear.reset_parameters`` on bare tensors (weight is (out, in))."""
+    """``reset_parameters`` of ``nn.Linear``/``nn.ConvNd`` on bare tensors."""
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
-        fan_in = weight.shape[1]
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)

@@ -6,9 +6,8 @@ import operator
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import skip_init
 
-from adaptc.layers.base import BranchConfig, LayerRule, adapter_dtype
+from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
 from adaptc.layers.branch import LoraBranch
 from adaptc.layers.init import init_factors
 
@@ -23,7 +22,7 @@ class LinearRule(LayerRule):
     """``y = W₀x + b + s·B·A·x`` with ``A``: ``nn.Linear(in, r)``, ``B``: ``nn.Linear(r, out)``."""
 
     name = "nn.Linear"
-    layer_type = nn.Linear
+    layer_type: type[nn.Module] = nn.Linear
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         assert isinstance(module, nn.Linear)
@@ -56,16 +55,31 @@ class LinearRule(LayerRule):
             from adaptc.layers.dora import emit_dora_branch
 
             return emit_dora_branch(
-                self, graph, x, base_out, base=base, base_path=base_path, branch=branch,
+                self,
+                graph,
+                x,
+                base_out,
+                base=base,
+                base_path=base_path,
+                branch=branch,
                 branch_path=branch_path,
             )
-        return emit_linear_branch(graph, x, base_out, base=base, branch=branch, branch_path=branch_path)
+        return emit_linear_branch(
+            graph, x, base_out, base=base, branch=branch, branch_path=branch_path
+        )
 
     def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
         A, B = branch.lora_A.weight, branch.lora_B.weight
         assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
         fifo = self.fan_in_fan_out(module, branch.fan_in_fan_out)
         return transpose(B @ A, fifo) * branch.scaling
+
+    def merge(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import merge_dora
+
+            return merge_dora(self, module, branch, weight)
+        return super().merge(module, branch, weight)
 
 
 class Conv1DRule(LinearRule):
@@ -96,11 +110,14 @@ def make_linear_branch(
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-    lora_A = skip_init(nn.Linear, fan_in, cfg.r, bias=False, **kw)
-    lora_B = skip_init(nn.Linear, cfg.r, fan_out, bias=cfg.lora_bias, **kw)
+    meta = weight.device.type == "meta"
+    # Built (and default-initialised) as PEFT builds them, so the same seed draws the same
+    # adapter weights as peft; on the meta device this allocates and draws nothing.
+    lora_A = nn.Linear(fan_in, cfg.r, bias=False, **kw)
+    lora_B = nn.Linear(cfg.r, fan_out, bias=cfg.lora_bias, **kw)
     fifo = rule.fan_in_fan_out(module, cfg.fan_in_fan_out)
     replaced: dict[str, torch.Tensor] = {}
-    if weight.device.type != "meta":
+    if not meta and cfg.init != "random":  # random: the layers' own init (PEFT's False)
         residual = init_factors(
             lora_A.weight,
             lora_B.weight,

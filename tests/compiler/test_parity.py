@@ -178,3 +178,25 @@ def test_custom_nested_model_matches_peft_in_training_mode_without_dropout():
     peft_model.train()
     compiled.train()
     torch.testing.assert_close(compiled(x), peft_model(x), **TOL)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "random"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_same_seed_draws_the_same_adapter_weights_as_peft(family, init):
+    """Branches are built in PEFT's order, drawing from the RNG as PEFT does."""
+    model = tiny_hf(family)
+    targets = {"kind": "names", "names": FAMILY_TARGETS[family]}
+    spec = adaptc.load_spec(_spec(targets, {"r": 4, "init": init}))
+    torch.manual_seed(123)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
+    torch.manual_seed(123)
+    compiled = adaptc.compile(model, spec)
+    layers = {
+        name.removeprefix("base_model.model."): m
+        for name, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    for branch in [m for m in compiled.modules() if isinstance(m, adaptc.layers.LoraBranch)]:
+        theirs = layers[branch.target]
+        torch.testing.assert_close(branch.lora_A.weight, theirs.lora_A["default"].weight)
+        torch.testing.assert_close(branch.lora_B.weight, theirs.lora_B["default"].weight)
