@@ -2,6 +2,7 @@
 
 from adaptc.compiler import AdaptcWarning, CompileError, MergeError, compile, merge
 from adaptc.counting import print_trainable_parameters, trainable_parameters
+from adaptc.io import AdapterLoadError, load_adapter, save_adapter
 from adaptc import layers
 from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, SpecError, SpecIssue, load_spec
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptcWarning",
+    "AdapterLoadError",
     "CompileError",
     "MergeError",
     "Plan",
@@ -20,8 +22,10 @@ __all__ = [
     "build_plan",
     "layers",
     "compile",
+    "load_adapter",
     "load_spec",
     "merge",
     "print_trainable_parameters",
+    "save_adapter",
     "trainable_parameters",
 ]

@@ -90,5 +90,6 @@ def peft_grads(peft_model: nn.Module, like: dict[tuple[str, str, str], torch.Ten
         params = dict(module.named_parameters())
         head, _, tail = name.partition(".")
         key = f"{head}.{adapter}.{tail}" if tail else f"{head}.{adapter}"
-        out[(target, adapter, name)] = params[key].grad.clone()
+        param = params[key] if key in params else params[f"{key}.weight"]  # DoRA magnitude
+        out[(target, adapter, name)] = param.grad.clone()
     return out

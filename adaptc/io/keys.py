@@ -1,0 +1,114 @@
+"""PEFT's adapter state dict: which tensors an adapter file holds, under which keys.
+
+Keys are those PEFT writes: ``base_model.model.<module path>.<tensor>``, the adapter name
+removed. LoRA tensors keep their names (``lora_A.weight``, ``lora_B.weight``/``.bias``,
+``lora_embedding_A``/``_B``, ``lora_magnitude_vector``); biases trained by the bias mode
+and ``modules_to_save`` copies are stored under the original module paths, with PEFT's
+``base_layer`` segment for layers that carry an adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from adaptc.compiler.compile import Compiled, compiled_info
+from adaptc.compiler.saved import ModulesToSave
+from adaptc.layers import LoraBranch
+
+__all__ = ["PREFIX", "AdapterKeyError", "adapter_state_dict", "adapter_tensors"]
+
+PREFIX = "base_model.model."
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves their base weights too
+
+
+class AdapterKeyError(ValueError):
+    """An adapter file does not fit the model (missing, unexpected or mis-shaped tensors)."""
+
+
+def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(PEFT key, tensor of the compiled model)`` for every tensor the adapter file holds."""
+    info = _info(model)
+    targets = {t.path for t in info.plan.targets if t.adapter == adapter}
+    for branch in _branches(model, adapter):
+        for name, param in branch.named_parameters():
+            yield f"{PREFIX}{branch.target}.{name}", param
+    settings = info.spec.adapters[adapter]
+    if settings.bias != "none":
+        params = _params_by_original_name(model)
+        for name, _ in info.plan.trainable_biases:
+            if name not in params:  # e.g. the bias of a saved module: saved with its copy
+                continue
+            owner = name.rpartition(".")[0]
+            key = f"{owner}.base_layer.bias" if owner in targets else name
+            yield f"{PREFIX}{key}", params[name]
+    for path, wrapper in _saved_modules(model):
+        copy = wrapper.modules_to_save[adapter] if adapter in wrapper.modules_to_save else None
+        if copy is not None:
+            for name, tensor in copy.state_dict(keep_vars=True).items():
+                yield f"{PREFIX}{path}.{name}", tensor
+    embeddings = [n for n in _EMBEDDING_LAYER_NAMES if _names_target(settings, n)]
+    if embeddings:
+        for path in sorted(targets):
+            if path.rpartition(".")[2] in embeddings:
+                layer = _layer(model, path)
+                yield f"{PREFIX}{path}.base_layer.weight", layer.weight
+
+
+def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The adapter file's contents: detached, contiguous tensors by PEFT key."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter_tensors(model, adapter):
+        out[key] = tensor.detach().contiguous()
+    return out
+
+
+def _info(model: nn.Module) -> Compiled:
+    info = compiled_info(model)
+    if info is None:
+        raise ValueError("expected a model returned by adaptc.compile() or adaptc.load_adapter()")
+    return info
+
+
+def _branches(model: nn.Module, adapter: str) -> list[LoraBranch]:
+    seen: dict[str, LoraBranch] = {}
+    for module in model.modules():
+        if isinstance(module, LoraBranch) and module.adapter == adapter:
+            seen.setdefault(module.target, module)
+    return [seen[k] for k in seen]
+
+
+def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for path, module in _original_paths(model):
+        if isinstance(module, ModulesToSave):
+            yield path, module
+
+
+def _original_paths(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules by their path in the user's model (graph wrappers' ``base_layer`` removed)."""
+    for path, module in model.named_modules(remove_duplicate=False):
+        yield path.replace(".base_layer", "").removesuffix("base_layer"), module
+
+
+def _params_by_original_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path, module in _original_paths(model):
+        if isinstance(module, LoraBranch):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            out.setdefault(f"{path}.{name}" if path else name, p)
+    return out
+
+
+def _layer(model: nn.Module, path: str) -> nn.Module:
+    for original, module in _original_paths(model):
+        if original == path and any(isinstance(c, LoraBranch) for c in module.children()):
+            return module
+    raise KeyError(path)
+
+
+def _names_target(settings: object, name: str) -> bool:
+    targets = getattr(settings, "targets", None)
+    return getattr(targets, "kind", None) == "names" and name in getattr(targets, "names", ())

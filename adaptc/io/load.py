@@ -1,0 +1,167 @@
+"""``load_adapter``: a PEFT or adaptc adapter directory onto a base model (a new model)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from adaptc.compiler.compile import CompileError, compile, compiled_info
+from adaptc.io.keys import AdapterKeyError, adapter_tensors
+from adaptc.io.save import WEIGHTS_NAME
+from adaptc.spec import Spec, SpecError, from_peft_config, load_spec
+from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
+
+__all__ = ["LEGACY_WEIGHTS_NAME", "AdapterLoadError", "load_adapter", "resolve_adapter_dir"]
+
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter could not be found or read, or does not fit the model (one line)."""
+
+
+def load_adapter(
+    model: nn.Module,
+    source: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    trainable: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+) -> nn.Module:
+    """A new model: ``model`` (untouched) with the adapter(s) saved at ``source``.
+
+    ``source`` is a directory written by ``adaptc.save_adapter`` or by peft's
+    ``save_pretrained`` (``adapter_model.safetensors``, or a legacy ``adapter_model.bin``,
+    read with ``torch.load(weights_only=True)``), or a hub id already in the local
+    Hugging Face cache. Adapter weights are frozen unless ``trainable``.
+    """
+    directory = resolve_adapter_dir(source, cache_dir=cache_dir, revision=revision)
+    spec, folders = _read_spec(directory, adapter_name)
+    try:
+        new = compile(model, spec)
+    except CompileError as exc:
+        raise AdapterLoadError(f"the adapter at {directory} does not fit this model: {exc}") from None
+    with torch.no_grad():
+        for name, folder in folders.items():
+            _load_weights(new, name, folder)
+    if not trainable:
+        for p in new.parameters():
+            p.requires_grad_(False)
+    info = compiled_info(new)
+    assert info is not None
+    return new
+
+
+def resolve_adapter_dir(
+    source: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+) -> Path:
+    """A local adapter directory for ``source`` (a path, or a hub id in the local cache)."""
+    path = Path(source)
+    if path.is_file() and path.name in (PEFT_CONFIG_NAME, SPEC_FILE_NAME):
+        return path.parent
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        raise AdapterLoadError(f"no adapter directory at {text}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                text, revision=revision, cache_dir=cache_dir, local_files_only=True
+            )
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise AdapterLoadError(
+            f"{text!r} is not a local directory and is not in the Hugging Face cache; "
+            "adaptc does not download (offline): download it where there is network "
+            "(`hf download` fills the cache) or pass a directory"
+        ) from None
+
+
+def _read_spec(directory: Path, adapter_name: str) -> tuple[Spec, dict[str, Path]]:
+    """The spec to compile, and the folder holding each adapter's weights."""
+    try:
+        if (directory / SPEC_FILE_NAME).is_file():
+            spec = load_spec(directory / SPEC_FILE_NAME)
+            folders = {n: directory if n == "default" else directory / n for n in spec.adapters}
+            return spec, folders
+        config_path = directory / PEFT_CONFIG_NAME
+        if not config_path.is_file():
+            raise AdapterLoadError(f"{directory} has no {PEFT_CONFIG_NAME} (not an adapter directory)")
+        config = _read_json(config_path)
+        return from_peft_config(config, name=adapter_name), {adapter_name: directory}
+    except SpecError as exc:
+        raise AdapterLoadError(f"invalid adapter config in {directory}: {exc}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    safetensors_path = folder / WEIGHTS_NAME
+    legacy_path = folder / LEGACY_WEIGHTS_NAME
+    if safetensors_path.is_file():
+        try:
+            return safetensors_path, load_file(str(safetensors_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AdapterLoadError(
+                f"{safetensors_path} is not a readable safetensors file (truncated or corrupt?): "
+                f"{reason}"
+            ) from None
+    if legacy_path.is_file():
+        try:
+            state = torch.load(legacy_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for bad pickles; never unpickle code
+            raise AdapterLoadError(
+                f"{legacy_path} is not a plain tensor checkpoint (refused: only weights are "
+                f"loaded, never code): {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterLoadError(f"{legacy_path} does not hold a dict of tensors")
+        return legacy_path, state
+    raise AdapterLoadError(f"{folder} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+
+
+def _load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
+    path, state = _read_weights(folder)
+    expected = dict(adapter_tensors(model, adapter))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise AdapterKeyError(f"{path} does not match the model: {'; '.join(parts)}")
+    for key, param in expected.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise AdapterKeyError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(param.shape)}"
+            )
+    for key, param in expected.items():
+        param.copy_(state[key].to(param.dtype))

@@ -1,0 +1,98 @@
+"""``save_adapter``: PEFT's adapter directory, plus the adaptc spec beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from adaptc.compiler.compile import Compiled, compiled_info
+from adaptc.io.keys import adapter_state_dict
+from adaptc.plan.defaults import LORA_TARGET_MODULES
+from adaptc.spec import NameTargets, RegexTargets
+from adaptc.spec.dump import dump_spec
+from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
+
+__all__ = ["WEIGHTS_NAME", "save_adapter"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], *, adapters: Sequence[str] | None = None
+) -> Path:
+    """Write the model's adapters as PEFT does, and ``adaptc_spec.yaml`` at the top.
+
+    ``default`` goes at the top of ``directory``, other adapters in sub-folders named after
+    them (PEFT's layout). Only adapter tensors (and ``modules_to_save`` copies) are written,
+    in their own dtype. A new directory appears whole or not at all; in an existing
+    directory each file is replaced atomically, weights before configs.
+    """
+    info = compiled_info(model)
+    if info is None:
+        raise ValueError("save_adapter() takes a model returned by adaptc.compile()")
+    names = list(adapters) if adapters is not None else list(info.spec.adapters)
+    for name in names:
+        if name not in info.spec.adapters:
+            raise ValueError(f"the model has no adapter {name!r} (has: {', '.join(info.spec.adapters)})")
+    target = Path(directory)
+    files: dict[Path, bytes | dict[str, object]] = {}
+    for name in names:
+        folder = Path() if name == "default" else Path(name)
+        files[folder / WEIGHTS_NAME] = {"tensors": adapter_state_dict(model, name)}
+        config = info.spec.to_peft_config(
+            name, target_modules=_resolved_targets(model, info, name), inference_mode=True
+        )
+        files[folder / PEFT_CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
+    files[Path(SPEC_FILE_NAME)] = dump_spec(info.spec).encode()
+    _write_all(target, files)
+    return target
+
+
+def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] | None:
+    """What PEFT writes as ``target_modules`` once it has resolved the selector.
+
+    Lists and regexes stay as given; omitted targets become the model type's default
+    names; ``all-linear`` (as PEFT does) and ``types`` become the adapted module paths.
+    """
+    adapter = info.spec.adapters[name]
+    if isinstance(adapter.targets, (NameTargets, RegexTargets)):
+        return None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if adapter.targets is None and model_type in LORA_TARGET_MODULES:
+        defaults = LORA_TARGET_MODULES[model_type]
+        if not isinstance(defaults, str):
+            return list(defaults)
+    return [t.path for t in info.plan.targets if t.adapter == name]
+
+
+def _write_all(target: Path, files: dict[Path, bytes | dict[str, object]]) -> None:
+    parent = target.parent if str(target.parent) else Path()
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        for rel, content in files.items():
+            path = staging / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, dict):
+                save_file(content["tensors"], str(path), metadata={"format": "pt"})  # type: ignore[arg-type]
+            else:
+                path.write_bytes(content)
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if not target.exists():
+            os.replace(staging, target)  # the whole directory appears at once
+            return
+        # an existing directory may hold other files (a trainer's checkpoint): replace ours
+        for rel in sorted(files, key=lambda r: r.name != WEIGHTS_NAME):
+            dest = target / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
