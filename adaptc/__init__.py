@@ -1,6 +1,15 @@
 """adaptc: a declarative adapter-spec compiler for PyTorch models."""
 
-from adaptc.compiler import AdaptcWarning, CompileError, MergeError, compile, merge
+from adaptc.compiler import (
+    AdaptcWarning,
+    CompileError,
+    MergeError,
+    active_adapters,
+    compile,
+    disabled,
+    merge,
+    set_active,
+)
 from adaptc.counting import print_trainable_parameters, trainable_parameters
 from adaptc.io import AdapterLoadError, load_adapter, save_adapter
 from adaptc import layers
@@ -19,13 +28,16 @@ __all__ = [
     "SpecError",
     "SpecIssue",
     "__version__",
+    "active_adapters",
     "build_plan",
     "layers",
     "compile",
+    "disabled",
     "load_adapter",
     "load_spec",
     "merge",
     "print_trainable_parameters",
     "save_adapter",
+    "set_active",
     "trainable_parameters",
 ]

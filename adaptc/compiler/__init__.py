@@ -2,5 +2,16 @@
 
 from adaptc.compiler.compile import AdaptcWarning, Compiled, CompileError, compile, merge
 from adaptc.compiler.passes import MergeError
+from adaptc.compiler.switch import active_adapters, disabled, set_active
 
-__all__ = ["AdaptcWarning", "CompileError", "Compiled", "MergeError", "compile", "merge"]
+__all__ = [
+    "AdaptcWarning",
+    "CompileError",
+    "Compiled",
+    "MergeError",
+    "active_adapters",
+    "compile",
+    "disabled",
+    "merge",
+    "set_active",
+]
