@@ -1,5 +1,6 @@
 """adaptc: a declarative adapter-spec compiler for PyTorch models."""
 
+from adaptc import layers
 from adaptc.compiler import (
     AdaptcWarning,
     CompileError,
@@ -12,7 +13,6 @@ from adaptc.compiler import (
 )
 from adaptc.counting import print_trainable_parameters, trainable_parameters
 from adaptc.io import AdapterLoadError, load_adapter, save_adapter
-from adaptc import layers
 from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, SpecError, SpecIssue, load_spec
 
@@ -30,9 +30,9 @@ __all__ = [
     "__version__",
     "active_adapters",
     "build_plan",
-    "layers",
     "compile",
     "disabled",
+    "layers",
     "load_adapter",
     "load_spec",
     "merge",

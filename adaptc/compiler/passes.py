@@ -123,8 +123,10 @@ def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn
     for branch in branches_of(layer, adapters):
         result = rule.merge(layer, branch, weight)
         weight = result.weight
-        if result.bias is not None:
-            bias = result.bias
+        if result.bias is not None:  # rules add to the layer's own bias: accumulate the deltas
+            own = layer.bias
+            assert bias is not None and isinstance(own, torch.Tensor)
+            bias = bias + (result.bias - own)
         if safe and not (
             torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
         ):

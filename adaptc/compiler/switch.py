@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from torch import fx, nn
 
-from adaptc.compiler.compile import CompileError, Compiled, compiled_info
+from adaptc.compiler.compile import Compiled, CompileError, compiled_info
 from adaptc.compiler.passes import insert_branches
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.trace import is_adapted_graph

@@ -45,16 +45,17 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
             key = f"{owner}.base_layer.bias" if owner in targets else name
             yield f"{PREFIX}{key}", params[name]
     for path, wrapper in _saved_modules(model):
-        copy = wrapper.modules_to_save[adapter] if adapter in wrapper.modules_to_save else None
-        if copy is not None:
-            for name, tensor in copy.state_dict(keep_vars=True).items():
-                yield f"{PREFIX}{path}.{name}", tensor
+        if adapter not in wrapper.modules_to_save:
+            continue
+        for name, tensor in wrapper.modules_to_save[adapter].state_dict(keep_vars=True).items():
+            yield f"{PREFIX}{path}.{name}", tensor
     embeddings = [n for n in _EMBEDDING_LAYER_NAMES if _names_target(settings, n)]
     if embeddings:
         for path in sorted(targets):
             if path.rpartition(".")[2] in embeddings:
-                layer = _layer(model, path)
-                yield f"{PREFIX}{path}.base_layer.weight", layer.weight
+                weight = _layer(model, path).weight
+                assert isinstance(weight, torch.Tensor)
+                yield f"{PREFIX}{path}.base_layer.weight", weight
 
 
 def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:

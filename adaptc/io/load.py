@@ -48,7 +48,9 @@ def load_adapter(
     try:
         new = compile(model, spec)
     except CompileError as exc:
-        raise AdapterLoadError(f"the adapter at {directory} does not fit this model: {exc}") from None
+        raise AdapterLoadError(
+            f"the adapter at {directory} does not fit this model: {exc}"
+        ) from None
     with torch.no_grad():
         for name, folder in folders.items():
             _load_weights(new, name, folder)
@@ -81,7 +83,10 @@ def resolve_adapter_dir(
     try:
         return Path(
             snapshot_download(
-                text, revision=revision, cache_dir=cache_dir, local_files_only=True
+                text,
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=True,
             )
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
@@ -101,7 +106,9 @@ def _read_spec(directory: Path, adapter_name: str) -> tuple[Spec, dict[str, Path
             return spec, folders
         config_path = directory / PEFT_CONFIG_NAME
         if not config_path.is_file():
-            raise AdapterLoadError(f"{directory} has no {PEFT_CONFIG_NAME} (not an adapter directory)")
+            raise AdapterLoadError(
+                f"{directory} has no {PEFT_CONFIG_NAME} (not an adapter directory)"
+            )
         config = _read_json(config_path)
         return from_peft_config(config, name=adapter_name), {adapter_name: directory}
     except SpecError as exc:
@@ -138,7 +145,9 @@ def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
                 f"{legacy_path} is not a plain tensor checkpoint (refused: only weights are "
                 f"loaded, never code): {str(exc).splitlines()[0] if str(exc) else exc!r}"
             ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
             raise AdapterLoadError(f"{legacy_path} does not hold a dict of tensors")
         return legacy_path, state
     raise AdapterLoadError(f"{folder} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")

@@ -8,13 +8,14 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
 
 from adaptc.compiler.compile import Compiled, compiled_info
 from adaptc.io.keys import adapter_state_dict
-from adaptc.plan.defaults import LORA_TARGET_MODULES
+from adaptc.plan.defaults import LORA_TARGET_MODULES, TASK_MODULES_TO_SAVE
 from adaptc.spec import NameTargets, RegexTargets
 from adaptc.spec.dump import dump_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
@@ -40,7 +41,9 @@ def save_adapter(
     names = list(adapters) if adapters is not None else list(info.spec.adapters)
     for name in names:
         if name not in info.spec.adapters:
-            raise ValueError(f"the model has no adapter {name!r} (has: {', '.join(info.spec.adapters)})")
+            raise ValueError(
+                f"the model has no adapter {name!r} (has: {', '.join(info.spec.adapters)})"
+            )
     target = Path(directory)
     files: dict[Path, bytes | dict[str, object]] = {}
     for name in names:
@@ -49,6 +52,13 @@ def save_adapter(
         config = info.spec.to_peft_config(
             name, target_modules=_resolved_targets(model, info, name), inference_mode=True
         )
+        _as_peft_resolves(config, info, name)
+        if config["task_type"] is None:  # as PeftModel.save_pretrained records the base class
+            cls = type(model)
+            config["auto_mapping"] = {
+                "base_model_class": cls.__name__,
+                "parent_library": cls.__module__,
+            }
         files[folder / PEFT_CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
     files[Path(SPEC_FILE_NAME)] = dump_spec(info.spec).encode()
     _write_all(target, files)
@@ -70,6 +80,16 @@ def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] 
         if not isinstance(defaults, str):
             return list(defaults)
     return [t.path for t in info.plan.targets if t.adapter == name]
+
+
+def _as_peft_resolves(config: dict[str, Any], info: Compiled, name: str) -> None:
+    """Fields PEFT rewrites in its config while adapting a model, rewritten the same way."""
+    targets = [t for t in info.plan.targets if t.adapter == name]
+    if targets:  # PEFT forces fan_in_fan_out per layer type (True for Conv1D), last one stays
+        config["fan_in_fan_out"] = targets[-1].fan_in_fan_out
+    heads = TASK_MODULES_TO_SAVE.get(str(info.spec.task_type))
+    if heads is not None:  # PEFT's task models add their heads to modules_to_save
+        config["modules_to_save"] = [*(config["modules_to_save"] or []), *heads.names]
 
 
 def _write_all(target: Path, files: dict[Path, bytes | dict[str, object]]) -> None:

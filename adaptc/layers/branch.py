@@ -50,4 +50,7 @@ class LoraBranch(nn.Module):
         return self.lora_B(self.lora_A(x)) * self.scaling  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
-        return f"adapter={self.adapter!r}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+        return (
+            f"adapter={self.adapter!r}, r={self.r}, lora_alpha={self.lora_alpha}, "
+            f"scaling={self.scaling:g}"
+        )

@@ -165,12 +165,12 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
             if adapter.bias == "lora_only" and getattr(module, "bias", None) is not None:
                 bias_paths.add(f"{path}.bias")
         for path in match.modules_to_save:  # get_submodule: a saved module may have two names
-            params = model.get_submodule(path).parameters()
-            saved.append((name, path, sum(p.numel() for p in params)))
+            numel = sum(p.numel() for p in model.get_submodule(path).parameters())
+            saved.append((name, path, numel))
         if adapter.bias == "all":
             bias_paths.update(n for n, _ in model.named_parameters() if "bias" in n)
-    params = dict(model.named_parameters())
-    biases = tuple((p, params[p].numel()) for p in sorted(bias_paths) if p in params)
+    named = dict(model.named_parameters())
+    biases = tuple((p, named[p].numel()) for p in sorted(bias_paths) if p in named)
     base = sum(p.numel() for p in model.parameters())
     return Plan(tuple(targets), tuple(saved), biases, base, tuple(dict.fromkeys(warnings)))
 

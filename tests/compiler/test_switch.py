@@ -25,7 +25,9 @@ def test_disabled_gives_the_original_outputs_exactly():
     spec = {
         "version": 1,
         "task_type": "SEQ_CLS",
-        "adapters": {"default": {"targets": {"kind": "names", "names": ["query"]}, "init": "random"}},
+        "adapters": {
+            "default": {"targets": {"kind": "names", "names": ["query"]}, "init": "random"}
+        },
     }
     new = adaptc.compile(model, spec).eval()
     x = hf_inputs("bert")

@@ -1,0 +1,213 @@
+"""``nn.Conv1d``/``2d``/``3d``: a LoRA branch made of two convolutions (PEFT ``_ConvNd``).
+
+``lora_A`` is a convolution ``in → r`` with the base layer's ``kernel_size``, ``stride`` and
+``padding``; ``lora_B`` is a 1×…×1 convolution ``r → out`` with the base layer's ``groups``
+(and a bias when ``lora_bias``). As in PEFT:
+
+* ``lora_A`` has no dilation, no groups and zero padding whatever the base layer's
+  ``padding_mode``. PEFT's branch then does not line up with the base layer when it is
+  dilated, so adaptc refuses dilation (> 1 along a kernel dimension > 1) instead of
+  computing a different update; a non-zero ``padding_mode`` only gets a warning;
+* ``r`` must be divisible by ``groups``, and layers with ``groups > 1`` cannot be merged;
+* only the ``default``, ``gaussian`` and ``random`` inits exist: PEFT raises "Unknown
+  initialization" for PiSSA/OLoRA on convolutions, so does adaptc;
+* the delta weight of a 1×1 ``Conv2d`` is a matrix product, any other kernel the
+  convolution of ``Aᵀ`` with ``B`` (kohya's formula).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
+from adaptc.layers.branch import LoraBranch
+from adaptc.layers.init import init_factors
+from adaptc.layers.linear import emit_linear_branch
+
+__all__ = ["CONV_FN", "ConvRule", "make_conv_branch"]
+
+ConvType = type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d]
+_CONV_CLS: dict[int, ConvType] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvRule(LayerRule):
+    """``y = conv(x, W₀) + b + s · B(A(dropout(x)))``; one instance per dimensionality."""
+
+    def __init__(self, layer_type: ConvType) -> None:
+        self.layer_type = layer_type
+        self.name = f"nn.{layer_type.__name__}"
+        self.dims = {cls: n for n, cls in _CONV_CLS.items()}[layer_type]
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        return module.in_channels, module.out_channels
+
+    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
+        return False
+
+    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
+        _refuse(module, cfg)
+        warnings = super().check(module, cfg)
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        if module.groups > 1:
+            warnings.append(
+                f"{cfg.target}: groups={module.groups}; the branch cannot be merged (nor in PEFT)"
+            )
+            if cfg.use_dora:
+                warnings.append(
+                    f"{cfg.target}: DoRA with groups > 1 computes its weight norm with PEFT's "
+                    "reshaping of B·A, which does not respect the groups"
+                )
+        if module.padding_mode != "zeros":
+            warnings.append(
+                f"{cfg.target}: padding_mode={module.padding_mode!r}, but lora_A pads with zeros "
+                "(as in PEFT), so the merged layer differs from the unmerged one near the borders"
+            )
+        if cfg.lora_bias and module.bias is None:
+            warnings.append(f"{cfg.target}: lora_bias on a layer without bias cannot be merged")
+        return warnings
+
+    def make_branch(
+        self, module: nn.Module, cfg: BranchConfig
+    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+        _refuse(module, cfg)
+        if cfg.use_dora:
+            from adaptc.layers.dora import make_dora_branch
+
+            return make_dora_branch(self, module, cfg)
+        return make_conv_branch(module, cfg), {}
+
+    def emit(
+        self,
+        graph: fx.Graph,
+        x: fx.Node,
+        base_out: fx.Node,
+        *,
+        base: nn.Module,
+        base_path: str,
+        branch: LoraBranch,
+        branch_path: str,
+    ) -> fx.Node:
+        """The same nodes as for ``nn.Linear``: ``base_out + lora_B(lora_A(dropout(x))) * s``."""
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import emit_dora_branch
+
+            return emit_dora_branch(
+                self,
+                graph,
+                x,
+                base_out,
+                base=base,
+                base_path=base_path,
+                branch=branch,
+                branch_path=branch_path,
+            )
+        return emit_linear_branch(
+            graph, x, base_out, base=base, branch=branch, branch_path=branch_path
+        )
+
+    def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
+        _refuse_merge(module, branch)
+        A, B = branch.lora_A.weight, branch.lora_B.weight  # (r, in, *k), (out, r, 1, …)
+        weight = module.weight
+        assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+        assert isinstance(weight, torch.Tensor)
+        if weight.dim() == 4 and weight.shape[2:4] == (1, 1):  # 1×1 Conv2d: a matrix product
+            delta = (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:  # (in, r, *k) convolved with (out, r, 1, …): (in, out, *k)
+            delta = CONV_FN[self.dims](A.transpose(0, 1), B).transpose(0, 1)
+        return delta * branch.scaling
+
+    def merge(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
+        _refuse_merge(module, branch)
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import merge_dora
+
+            return merge_dora(self, module, branch, weight)
+        return super().merge(module, branch, weight)
+
+
+def _refuse(module: nn.Module, cfg: BranchConfig) -> None:
+    """Raise ValueError for what PEFT refuses, or would compute inconsistently."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    kind = type(module).__name__
+    if cfg.init in ("pissa", "olora"):
+        raise ValueError(
+            f"{cfg.target}: init {cfg.init!r} is not supported for {kind} (PEFT only has "
+            "default, gaussian and random init for convolutions)"
+        )
+    if cfg.r % module.groups != 0:
+        raise ValueError(
+            f"{cfg.target}: r={cfg.r} is not divisible by the {kind}'s groups={module.groups}; "
+            "choose r as a multiple of groups or do not target this layer"
+        )
+    dilated = [
+        d for d, k in zip(module.dilation, module.kernel_size, strict=True) if d != 1 and k != 1
+    ]
+    if dilated:
+        raise ValueError(
+            f"{cfg.target}: the {kind} is dilated (dilation={module.dilation}); PEFT builds "
+            "lora_A without dilation, so the update would not match the layer; not supported"
+        )
+
+
+def _refuse_merge(module: nn.Module, branch: LoraBranch) -> None:
+    groups = getattr(module, "groups", 1)
+    if groups > 1:
+        raise ValueError(
+            f"{branch.target}: cannot merge into a convolution with groups={groups} "
+            "(PEFT does not support it either)"
+        )
+
+
+def make_conv_branch(module: nn.Module, cfg: BranchConfig) -> LoraBranch:
+    """A plain, initialised branch for a convolution."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    n = module.weight.dim() - 2
+    conv: Callable[..., nn.Module] = _CONV_CLS[n]
+    weight = module.weight
+    device, dtype = weight.device, adapter_dtype(weight)
+    ones = (1,) * n
+    # built on meta, then given uninitialised storage: no init cost, nothing drawn from the RNG
+    lora_A = conv(
+        module.in_channels,
+        cfg.r,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        bias=False,
+        device="meta",
+        dtype=dtype,
+    ).to_empty(device=device)
+    lora_B = conv(
+        cfg.r,
+        module.out_channels,
+        ones,
+        ones,
+        groups=module.groups,
+        bias=cfg.lora_bias,
+        device="meta",
+        dtype=dtype,
+    ).to_empty(device=device)
+    if weight.device.type != "meta":
+        A, B, B_bias = lora_A.weight, lora_B.weight, lora_B.bias
+        assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+        assert B_bias is None or isinstance(B_bias, torch.Tensor)
+        init_factors(A, B, B_bias, init=cfg.init, scaling=cfg.scaling)
+    return LoraBranch(
+        lora_A,
+        lora_B,
+        scaling=cfg.scaling,
+        dropout=cfg.lora_dropout,
+        adapter=cfg.adapter,
+        target=cfg.target,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_bias=cfg.lora_bias,
+        fan_in_fan_out=False,
+    )

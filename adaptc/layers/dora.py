@@ -1,0 +1,347 @@
+"""DoRA: weight-decomposed LoRA, for linear layers, ``Conv1D``, convolutions and embeddings.
+
+The adapted weight is ``W' = m · (W + s·ΔW) / ‖W + s·ΔW‖`` with the learned magnitude ``m``
+(one entry per output feature, PEFT's ``lora_magnitude_vector``: the key in adapter files
+has no ``.weight`` suffix, so it is a bare parameter of the branch). The norm is taken per
+output feature and detached from the graph (DoRA paper, §4.3). As PEFT computes it, the
+forward of a linear layer or convolution is::
+
+    y = base_out + (m/‖W + s·ΔW‖ − 1) · (base_out − b) + m/‖W + s·ΔW‖ · s · B(A(x))
+
+where ``base_out`` is the base layer's output (with the previous adapters' updates, when
+several are stacked) and ``b`` the base bias. With dropout in training mode PEFT instead
+drops ``x`` for both terms: ``(base_out − b)`` becomes ``W·dropout(x)`` and ``B(A(x))``
+becomes ``B(A(dropout(x)))``. For an embedding, with no dropout and no bias::
+
+    y = m/‖W + s·ΔW‖ · base_out + m/‖W + s·ΔW‖ · s · embed(x, Aᵀ)·Bᵀ  [· embed_scale]
+
+The branch is one ``call_module`` node that receives ``x``, ``base_out`` and the base
+weight (and bias or ``embed_scale``) as ``get_attr`` nodes, and returns the layer's output.
+PEFT quirks kept: a linear branch computes ``B·A`` as ``lora_B(lora_A(I))ᵀ``; a
+convolution's ``B·A`` is ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the kernel (which
+mixes groups when ``groups > 1``) and its magnitude has shape (1, out, 1, …).
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from adaptc.layers.base import BranchConfig, LayerRule, Merged
+from adaptc.layers.branch import LoraBranch
+from adaptc.layers.conv import CONV_FN, make_conv_branch
+from adaptc.layers.embedding import EmbeddingBranch, emit_embed_scale, make_embedding_branch
+from adaptc.layers.linear import make_linear_branch, transpose
+
+__all__ = [
+    "DoraConvBranch",
+    "DoraEmbeddingBranch",
+    "DoraLinearBranch",
+    "emit_dora_branch",
+    "make_dora_branch",
+    "merge_dora",
+]
+
+
+def linear_weight_norm(
+    weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """``‖W + s·ΔW‖`` per output feature: (out,). ``lora_weight`` is (out, in)."""
+    w = transpose(weight, fan_in_fan_out) + scaling * lora_weight  # (out, in)
+    norm: torch.Tensor = torch.linalg.norm(w, dim=1)
+    return norm.to(w.dtype)
+
+
+def conv_weight_norm(
+    weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``‖W + s·ΔW‖`` per output channel, shaped (1, out, 1, …) as PEFT keeps it."""
+    w = weight + scaling * lora_weight  # (out, in/groups, *k)
+    norm: torch.Tensor = w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True)
+    return norm.transpose(1, 0)
+
+
+def conv_lora_weight(A: torch.Tensor, B: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """PEFT's ``B·A`` for a convolution: ``B.view(-1, r) @ A.view(r, -1)``, reshaped."""
+    r = A.shape[0]
+    return torch.mm(B.view([-1, r]), A.view([r, -1])).reshape(shape)
+
+
+def _missing(target: str) -> ValueError:
+    return ValueError(f"{target}: a DoRA branch is called with the base output and weight")
+
+
+class DoraLinearBranch(LoraBranch):
+    """DoRA on ``nn.Linear``/``Conv1D``; ``forward`` returns the layer's full output."""
+
+    is_dora = True
+
+    def __init__(self, plain: LoraBranch, magnitude: torch.Tensor) -> None:
+        super().__init__(plain.lora_A, plain.lora_B, **_settings(plain))
+        self.lora_magnitude_vector = nn.Parameter(magnitude)  # (out,)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if base_out is None or weight is None:
+            raise _missing(self.target)
+        base_result: torch.Tensor | None = base_out
+        if self.lora_dropout is not None and self.training:
+            x = self.lora_dropout(x)
+            base_result = None
+        A = self.lora_A.weight
+        assert isinstance(A, torch.Tensor)
+        eye = torch.eye(A.shape[1], device=A.device, dtype=A.dtype)
+        lora_weight = self.lora_B(self.lora_A(eye)).T.to(x.dtype)  # (out, in), with B's bias
+        weight = weight.to(x.dtype)
+        norm = linear_weight_norm(weight, lora_weight.detach(), self.scaling, self.fan_in_fan_out)
+        mag_norm_scale = (self.lora_magnitude_vector / norm.detach()).view(1, -1)
+        lora_result = self.lora_B(self.lora_A(x))
+        if base_result is None:
+            base_result = F.linear(x, transpose(weight, self.fan_in_fan_out))
+        elif bias is not None:
+            base_result = base_result - bias
+        dora: torch.Tensor = (mag_norm_scale - 1) * base_result
+        dora = dora + mag_norm_scale * lora_result * self.scaling
+        return base_out + dora
+
+
+class DoraConvBranch(LoraBranch):
+    """DoRA on ``nn.Conv1d/2d/3d``; ``forward`` returns the layer's full output."""
+
+    is_dora = True
+
+    def __init__(
+        self, plain: LoraBranch, magnitude: torch.Tensor, conv: nn.modules.conv._ConvNd
+    ) -> None:
+        super().__init__(plain.lora_A, plain.lora_B, **_settings(plain))
+        self.lora_magnitude_vector = nn.Parameter(magnitude)  # (1, out, 1, …)
+        # the base convolution's geometry, for the base term under dropout
+        self.dims = conv.weight.dim() - 2
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if base_out is None or weight is None:
+            raise _missing(self.target)
+        base_result: torch.Tensor | None = base_out
+        if self.lora_dropout is not None and self.training:
+            x = self.lora_dropout(x)
+            base_result = None
+        A, B = self.lora_A.weight, self.lora_B.weight
+        assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+        lora_weight = conv_lora_weight(A, B, weight.shape)
+        norm = conv_weight_norm(weight, lora_weight.detach(), self.scaling)
+        mag_norm_scale = self.lora_magnitude_vector / norm.detach()  # (1, out, 1, …)
+        if base_result is None:
+            # PEFT passes the base weight as is, which fails on a half-precision base; cast it
+            base_result = CONV_FN[self.dims](
+                x, weight.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups
+            )
+        elif bias is not None:
+            base_result = base_result - bias.view((1, -1) + (1,) * (base_result.dim() - 2))
+        lora_result = self.lora_B(self.lora_A(x))
+        dora: torch.Tensor = (mag_norm_scale - 1) * base_result
+        dora = dora + mag_norm_scale * lora_result * self.scaling
+        return base_out + dora
+
+
+class DoraEmbeddingBranch(EmbeddingBranch):
+    """DoRA on ``nn.Embedding``; ``forward`` returns the layer's full output."""
+
+    is_dora = True
+
+    def __init__(self, plain: EmbeddingBranch, magnitude: torch.Tensor) -> None:
+        super().__init__(
+            plain.lora_embedding_A.detach(),
+            plain.lora_embedding_B.detach(),
+            scaling=plain.scaling,
+            adapter=plain.adapter,
+            target=plain.target,
+            r=plain.r,
+            lora_alpha=plain.lora_alpha,
+            padding_idx=plain.padding_idx,
+            max_norm=plain.max_norm,
+            norm_type=plain.norm_type,
+            scale_grad_by_freq=plain.scale_grad_by_freq,
+            sparse=plain.sparse,
+        )
+        self.lora_magnitude_vector = nn.Parameter(magnitude)  # (embedding_dim,)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        embed_scale: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        if base_out is None or weight is None:
+            raise _missing(self.target)
+        B = self.lora_embedding_B.T  # (r, embedding_dim)
+        lora_weight = (self.lora_embedding_A.T @ B).T  # (embedding_dim, num_embeddings)
+        norm = linear_weight_norm(weight, lora_weight.detach(), self.scaling, True)
+        mag_norm_scale = self.lora_magnitude_vector / norm.detach()  # (embedding_dim,)
+        dora = mag_norm_scale * (self.embed(x) @ B) * self.scaling
+        if embed_scale is not None:
+            dora = dora * embed_scale
+        return mag_norm_scale * base_out + dora
+
+
+def make_dora_branch(
+    rule: LayerRule, module: nn.Module, cfg: BranchConfig
+) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+    """A DoRA branch: the plain branch's factors, and ``m = ‖W + s·B·A‖`` from them.
+
+    ``W`` is the residual base weight under PiSSA/OLoRA, as in PEFT (which initialises the
+    magnitude after the base weight was replaced). On the meta device ``m`` is left empty.
+    """
+    if cfg.lora_bias:
+        raise ValueError(f"{cfg.target}: lora_bias cannot be combined with DoRA (nor in PEFT)")
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    meta = weight.device.type == "meta"
+    with torch.no_grad():
+        if isinstance(module, nn.Embedding):
+            emb = make_embedding_branch(module, cfg)
+            eA, eB = emb.lora_embedding_A, emb.lora_embedding_B  # (r, num), (dim, r)
+            m = None if meta else linear_weight_norm(weight, eB @ eA, cfg.scaling, True)
+            return DoraEmbeddingBranch(emb, _magnitude(m, (module.embedding_dim,), eA)), {}
+        if isinstance(module, nn.modules.conv._ConvNd):
+            plain = make_conv_branch(module, cfg)
+            A, B = _factors(plain)
+            lora_weight = conv_lora_weight(A, B, weight.shape)
+            m = None if meta else conv_weight_norm(weight, lora_weight, cfg.scaling)
+            shape = (1, module.out_channels) + (1,) * (weight.dim() - 2)
+            return DoraConvBranch(plain, _magnitude(m, shape, A), module), {}
+        plain, replaced = make_linear_branch(rule, module, cfg)
+        A, B = _factors(plain)
+        base = replaced.get("weight", weight)
+        m = None if meta else linear_weight_norm(base, B @ A, cfg.scaling, plain.fan_in_fan_out)
+        return DoraLinearBranch(plain, _magnitude(m, (B.shape[0],), A)), replaced
+
+
+class _Settings(TypedDict):
+    scaling: float
+    dropout: float
+    adapter: str
+    target: str
+    r: int
+    lora_alpha: float
+    lora_bias: bool
+    fan_in_fan_out: bool
+
+
+def _settings(plain: LoraBranch) -> _Settings:
+    """The keyword arguments ``plain`` was built with."""
+    return {
+        "scaling": plain.scaling,
+        "dropout": plain.lora_dropout.p if plain.lora_dropout is not None else 0.0,
+        "adapter": plain.adapter,
+        "target": plain.target,
+        "r": plain.r,
+        "lora_alpha": plain.lora_alpha,
+        "lora_bias": plain.lora_bias,
+        "fan_in_fan_out": plain.fan_in_fan_out,
+    }
+
+
+def _factors(branch: LoraBranch) -> tuple[torch.Tensor, torch.Tensor]:
+    A, B = branch.lora_A.weight, branch.lora_B.weight
+    assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+    return A, B
+
+
+def _magnitude(m: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """The initial magnitude in the adapter dtype (empty on the meta device)."""
+    if m is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    return m.to(like.dtype).reshape(shape)
+
+
+def emit_dora_branch(
+    rule: LayerRule,
+    graph: fx.Graph,
+    x: fx.Node,
+    base_out: fx.Node,
+    *,
+    base: nn.Module,
+    base_path: str,
+    branch: LoraBranch,
+    branch_path: str,
+) -> fx.Node:
+    """One node calls the branch with the base output and weight; it returns the full output.
+
+    Before::
+
+        def forward(self, x):
+            fc = self.fc(x);  x = None
+            return fc
+
+    After (DoRA, the base layer has a bias; an embedding passes ``embed_scale`` or None)::
+
+        def forward(self, x):
+            fc = self.fc(x)
+            fc_weight = self.fc.weight
+            fc_bias = self.fc.bias
+            fc_lora_default = self.fc.lora_default(x, fc, fc_weight, fc_bias);  x = fc = ...
+            return fc_lora_default
+    """
+    weight = base.weight
+    magnitude = branch.lora_magnitude_vector
+    assert isinstance(weight, torch.Tensor) and isinstance(magnitude, torch.Tensor)
+    cast = weight.dtype != magnitude.dtype
+    with graph.inserting_before(base_out.next):
+        w = graph.get_attr(f"{base_path}.weight")
+        h = x
+        extra: fx.Node | float | None
+        if isinstance(branch, DoraEmbeddingBranch):
+            extra = emit_embed_scale(graph, base, base_path, magnitude.dtype)
+        else:
+            if cast:
+                h = graph.call_method("to", (h, magnitude.dtype))
+            has_bias = getattr(base, "bias", None) is not None
+            extra = graph.get_attr(f"{base_path}.bias") if has_bias else None
+        out = graph.call_module(branch_path, (h, base_out, w, extra))
+        if cast:
+            out = graph.call_method("to", (out, weight.dtype))
+    return out
+
+
+@torch.no_grad()
+def merge_dora(
+    rule: LayerRule, module: nn.Module, branch: LoraBranch, weight: torch.Tensor
+) -> Merged:
+    """``m / ‖W₀ + s·ΔW‖ · (weight + s·ΔW)``, the norm from the layer's unmerged weight ``W₀``.
+
+    ``weight`` may already hold other merged adapters, as in PEFT's ``merge``; the bias is
+    unchanged (DoRA cannot carry ``lora_bias``).
+    """
+    delta = rule.delta_weight(module, branch)  # layout of the base weight
+    base = module.weight
+    m = branch.lora_magnitude_vector
+    assert isinstance(base, torch.Tensor) and isinstance(m, torch.Tensor)
+    if isinstance(branch, EmbeddingBranch):
+        factor = (m / linear_weight_norm(base, delta.T, 1, True)).view(1, -1)
+    elif isinstance(branch, DoraConvBranch):
+        factor = (m / conv_weight_norm(base, delta, 1)).view((-1,) + (1,) * (base.dim() - 1))
+    else:
+        fifo = branch.fan_in_fan_out
+        norm = linear_weight_norm(base, transpose(delta, fifo), 1, fifo)
+        factor = transpose((m / norm).view(-1, 1), fifo)
+    new_weight = factor * (weight + delta)
+    return Merged(new_weight.to(weight.dtype))

@@ -1,0 +1,267 @@
+"""``nn.Embedding``: a LoRA branch whose factors are looked up, not multiplied (PEFT ``Embedding``).
+
+The update is ``x ↦ s · embed(x, Aᵀ) · Bᵀ`` with ``A``: (r, num_embeddings) and ``B``:
+(embedding_dim, r), stored as the parameters ``lora_embedding_A``/``lora_embedding_B``
+(PEFT's names, so adapter files keep their keys). The lookup uses the base layer's
+``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq`` and ``sparse``, as
+PEFT's ``_embed`` does. As in PEFT:
+
+* no dropout is ever applied (``lora_dropout`` is accepted and ignored, with a warning);
+* ``lora_bias`` is refused;
+* every init except ``random`` gives ``A = 0`` and ``B ~ N(0, 1)``: PEFT's
+  ``reset_lora_parameters`` has no gaussian/PiSSA/OLoRA branch for embeddings, so
+  ``gaussian``, ``pissa`` and ``olora`` behave as ``default`` (with a warning) and the base
+  weight is left alone; ``random`` (PEFT's ``init_lora_weights=False``) keeps both factors
+  ``N(0, 1)``;
+* a scalar ``embed_scale`` on the base layer (e.g. Gemma 3's scaled embeddings) also scales
+  the update, cast first to the base weight's dtype when it is a Python number.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
+from adaptc.layers.branch import LoraBranch
+
+__all__ = ["EmbeddingBranch", "EmbeddingRule", "embed_scale", "make_embedding_branch"]
+
+
+class EmbeddingBranch(LoraBranch):
+    """``x ↦ s · F.embedding(x, Aᵀ) · Bᵀ``; no ``lora_A``/``lora_B`` modules, no dropout."""
+
+    def __init__(
+        self,
+        lora_embedding_A: torch.Tensor,  # (r, num_embeddings)
+        lora_embedding_B: torch.Tensor,  # (embedding_dim, r)
+        *,
+        scaling: float,
+        adapter: str,
+        target: str,
+        r: int,
+        lora_alpha: float,
+        padding_idx: int | None,
+        max_norm: float | None,
+        norm_type: float,
+        scale_grad_by_freq: bool,
+        sparse: bool,
+    ) -> None:
+        nn.Module.__init__(self)  # not LoraBranch.__init__: the factors are bare parameters
+        self.lora_embedding_A = nn.Parameter(lora_embedding_A)
+        self.lora_embedding_B = nn.Parameter(lora_embedding_B)
+        self.lora_dropout = None
+        self.scaling = scaling
+        self.adapter = adapter
+        self.target = target
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_bias = False
+        self.fan_in_fan_out = True  # the base weight is (num_embeddings, embedding_dim)
+        self.padding_idx = padding_idx
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.scale_grad_by_freq = scale_grad_by_freq
+        self.sparse = sparse
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``embed(x, Aᵀ)``: (…,) indices → (…, r).
+
+        With ``max_norm`` set, ``F.embedding`` renormalises rows of ``Aᵀ`` in place, i.e. it
+        writes into ``lora_embedding_A``, exactly as PEFT does.
+        """
+        return F.embedding(
+            x,
+            self.lora_embedding_A.T,  # (num_embeddings, r)
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.embed(x) @ self.lora_embedding_B.T) * self.scaling  # (…, embedding_dim)
+
+
+def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
+    """The scalar ``embed_scale`` PEFT multiplies the update by, or None (PEFT's rule).
+
+    A Python number becomes a tensor in the base weight's dtype first (so it is rounded to
+    bf16 on a bf16 model), as PEFT's ``_get_embed_scale`` does; a tensor with more than one
+    element is ignored.
+    """
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return float(torch.tensor(scale, dtype=weight.dtype).item())
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
+class EmbeddingRule(LayerRule):
+    """``y = embed(x, W₀) + s · embed(x, Aᵀ) · Bᵀ`` (× ``embed_scale`` if the layer has one)."""
+
+    name = "nn.Embedding"
+    layer_type = nn.Embedding
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Embedding)
+        return module.num_embeddings, module.embedding_dim
+
+    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
+        return True  # (num_embeddings, embedding_dim) is (in, out)
+
+    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
+        _refuse(cfg)
+        warnings = []
+        fan_in, fan_out = self.features(module)
+        if cfg.r > min(fan_in, fan_out):
+            warnings.append(
+                f"{cfg.target}: r={cfg.r} exceeds min(num_embeddings, embedding_dim) = "
+                f"{min(fan_in, fan_out)}; the update cannot use the extra rank"
+            )
+        if cfg.init in ("gaussian", "pissa", "olora"):
+            warnings.append(
+                f"{cfg.target}: init {cfg.init!r} does not apply to embeddings; as in PEFT, "
+                "the branch gets the default init (A = 0, B normal) and the base weight is kept"
+            )
+        if cfg.lora_dropout > 0:
+            warnings.append(
+                f"{cfg.target}: lora_dropout is not applied to embeddings (nor by PEFT)"
+            )
+        scale = getattr(module, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            warnings.append(
+                f"{cfg.target}: embed_scale has shape {tuple(scale.shape)}, not a scalar; as in "
+                "PEFT, the update is not scaled by it"
+            )
+        return warnings
+
+    def make_branch(
+        self, module: nn.Module, cfg: BranchConfig
+    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+        _refuse(cfg)
+        if cfg.use_dora:
+            from adaptc.layers.dora import make_dora_branch
+
+            return make_dora_branch(self, module, cfg)
+        return make_embedding_branch(module, cfg), {}
+
+    def emit(
+        self,
+        graph: fx.Graph,
+        x: fx.Node,
+        base_out: fx.Node,
+        *,
+        base: nn.Module,
+        base_path: str,
+        branch: LoraBranch,
+        branch_path: str,
+    ) -> fx.Node:
+        """``out = base_out + branch(x) [* embed_scale]``, cast back to the base dtype if needed.
+
+        Before::
+
+            def forward(self, x):
+                emb = self.emb(x);  x = None
+                return emb
+
+        After (r = 8, lora_alpha = 16)::
+
+            def forward(self, x):
+                emb = self.emb(x)
+                emb_lora_default = self.emb.lora_default(x);  x = None
+                add = emb + emb_lora_default;  emb = emb_lora_default = None
+                return add
+        """
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import emit_dora_branch
+
+            return emit_dora_branch(
+                self,
+                graph,
+                x,
+                base_out,
+                base=base,
+                base_path=base_path,
+                branch=branch,
+                branch_path=branch_path,
+            )
+        assert isinstance(branch, EmbeddingBranch) and isinstance(base.weight, torch.Tensor)
+        base_dtype = base.weight.dtype
+        lora_dtype = branch.lora_embedding_A.dtype
+        with graph.inserting_before(base_out.next):
+            delta = graph.call_module(branch_path, (x,))
+            scale = emit_embed_scale(graph, base, base_path, lora_dtype)
+            if scale is not None:
+                delta = graph.call_function(operator.mul, (delta, scale))
+            out = graph.call_function(operator.add, (base_out, delta))
+            if base_dtype != lora_dtype:
+                out = graph.call_method("to", (out, base_dtype))
+        return out
+
+    def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
+        assert isinstance(branch, EmbeddingBranch)
+        # (num_embeddings, embedding_dim), PEFT's transpose(B @ A, True) * s
+        return (branch.lora_embedding_B @ branch.lora_embedding_A).T * branch.scaling
+
+    def merge(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import merge_dora
+
+            return merge_dora(self, module, branch, weight)
+        return Merged(weight + self.delta_weight(module, branch).to(weight.dtype))
+
+
+def _refuse(cfg: BranchConfig) -> None:
+    if cfg.lora_bias:
+        raise ValueError(
+            f"{cfg.target}: lora_bias is not supported for nn.Embedding (PEFT refuses it too)"
+        )
+
+
+def emit_embed_scale(
+    graph: fx.Graph, base: nn.Module, base_path: str, dtype: torch.dtype
+) -> fx.Node | float | None:
+    """The base layer's scalar ``embed_scale`` as a graph value in ``dtype``, or None."""
+    scale = embed_scale(base)
+    if isinstance(scale, torch.Tensor):
+        node = graph.get_attr(f"{base_path}.embed_scale")
+        return graph.call_method("to", (node, dtype))
+    return scale
+
+
+def make_embedding_branch(module: nn.Module, cfg: BranchConfig) -> EmbeddingBranch:
+    """An initialised plain branch (see the module docstring for the inits)."""
+    assert isinstance(module, nn.Embedding)
+    weight = module.weight
+    device, dtype = weight.device, adapter_dtype(weight)
+    A = torch.empty(cfg.r, module.num_embeddings, device=device, dtype=dtype)
+    B = torch.empty(module.embedding_dim, cfg.r, device=device, dtype=dtype)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            if cfg.init == "random":  # PEFT's init_lora_weights=False keeps torch.randn
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
+            nn.init.normal_(B)
+    return EmbeddingBranch(
+        A,
+        B,
+        scaling=cfg.scaling,
+        adapter=cfg.adapter,
+        target=cfg.target,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        padding_idx=module.padding_idx,
+        max_norm=module.max_norm,
+        norm_type=module.norm_type,
+        scale_grad_by_freq=module.scale_grad_by_freq,
+        sparse=module.sparse,
+    )
