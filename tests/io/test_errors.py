@@ -95,7 +95,7 @@ def test_missing_directory_and_missing_files(tmp_path):
     model = tiny_hf("opt")
     with pytest.raises(AdapterLoadError, match="no adapter directory at"):
         adaptc.load_adapter(model, tmp_path / "nope")
-    with pytest.raises(AdapterLoadError, match="has no adapter_config.json"):
+    with pytest.raises(AdapterLoadError, match=r"has no adapter_config\.json"):
         adaptc.load_adapter(model, tmp_path)
 
 
@@ -103,7 +103,7 @@ def test_weights_file_missing(saved):
     model, path = saved
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(
-        AdapterLoadError, match="has neither adapter_model.safetensors nor adapter_model.bin"
+        AdapterLoadError, match=r"has neither adapter_model\.safetensors nor adapter_model\.bin"
     ):
         adaptc.load_adapter(model, path)
 
@@ -135,7 +135,7 @@ def test_pickled_code_in_a_bin_file_is_refused(saved, monkeypatch, tmp_path):
 def test_invalid_adapter_config(saved):
     model, path = saved
     (path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
-    with pytest.raises(AdapterLoadError, match="invalid adapter config .* r: must be > 0"):
+    with pytest.raises(AdapterLoadError, match=r"invalid adapter config .* r: must be > 0"):
         adaptc.load_adapter(model, path)
 
 
