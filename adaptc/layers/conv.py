@@ -173,7 +173,8 @@ def make_conv_branch(module: nn.Module, cfg: BranchConfig) -> LoraBranch:
     weight = module.weight
     device, dtype = weight.device, adapter_dtype(weight)
     ones = (1,) * n
-    # built on meta, then given uninitialised storage: no init cost, nothing drawn from the RNG
+    # built (and default-initialised) as PEFT builds them: the same seed draws the same
+    # adapter weights as peft; on the meta device nothing is allocated or drawn
     lora_A = conv(
         module.in_channels,
         cfg.r,
@@ -181,9 +182,9 @@ def make_conv_branch(module: nn.Module, cfg: BranchConfig) -> LoraBranch:
         module.stride,
         module.padding,
         bias=False,
-        device="meta",
+        device=device,
         dtype=dtype,
-    ).to_empty(device=device)
+    )
     lora_B = conv(
         cfg.r,
         module.out_channels,
@@ -191,10 +192,10 @@ def make_conv_branch(module: nn.Module, cfg: BranchConfig) -> LoraBranch:
         ones,
         groups=module.groups,
         bias=cfg.lora_bias,
-        device="meta",
+        device=device,
         dtype=dtype,
-    ).to_empty(device=device)
-    if weight.device.type != "meta":
+    )
+    if weight.device.type != "meta" and cfg.init != "random":  # random: the convs' own init
         A, B, B_bias = lora_A.weight, lora_B.weight, lora_B.bias
         assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
         assert B_bias is None or isinstance(B_bias, torch.Tensor)

@@ -242,15 +242,17 @@ def make_embedding_branch(module: nn.Module, cfg: BranchConfig) -> EmbeddingBran
     assert isinstance(module, nn.Embedding)
     weight = module.weight
     device, dtype = weight.device, adapter_dtype(weight)
-    A = torch.empty(cfg.r, module.num_embeddings, device=device, dtype=dtype)
-    B = torch.empty(module.embedding_dim, cfg.r, device=device, dtype=dtype)
-    if weight.device.type != "meta":
-        with torch.no_grad():
-            if cfg.init == "random":  # PEFT's init_lora_weights=False keeps torch.randn
-                nn.init.normal_(A)
-            else:
+    shape_A, shape_B = (cfg.r, module.num_embeddings), (module.embedding_dim, cfg.r)
+    if weight.device.type == "meta":
+        A = torch.empty(shape_A, device=device, dtype=dtype)
+        B = torch.empty(shape_B, device=device, dtype=dtype)
+    else:  # drawn as PEFT draws them (randn on the CPU first): same seed, same weights
+        A = torch.randn(shape_A).to(device=device, dtype=dtype)
+        B = torch.randn(shape_B).to(device=device, dtype=dtype)
+        if cfg.init != "random":  # PEFT's init_lora_weights=False keeps the randn draws
+            with torch.no_grad():
                 nn.init.zeros_(A)
-            nn.init.normal_(B)
+                nn.init.normal_(B)
     return EmbeddingBranch(
         A,
         B,

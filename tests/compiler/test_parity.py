@@ -181,11 +181,16 @@ def test_custom_nested_model_matches_peft_in_training_mode_without_dropout():
 
 
 @pytest.mark.parametrize("init", ["default", "gaussian", "random"])
-@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("family", ["opt", "llama", "cnn"])
 def test_same_seed_draws_the_same_adapter_weights_as_peft(family, init):
     """Branches are built in PEFT's order, drawing from the RNG as PEFT does."""
-    model = tiny_hf(family)
-    targets = {"kind": "names", "names": FAMILY_TARGETS[family]}
+    if family == "cnn":
+        model = SmallCNN()
+        targets = {"kind": "names", "names": ["conv1", "conv2", "conv3", "head"]}
+    else:
+        model = tiny_hf(family)
+        names = FAMILY_TARGETS[family] + ["embed_tokens"] * (init != "gaussian")
+        targets = {"kind": "names", "names": names}
     spec = adaptc.load_spec(_spec(targets, {"r": 4, "init": init}))
     torch.manual_seed(123)
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
@@ -197,6 +202,59 @@ def test_same_seed_draws_the_same_adapter_weights_as_peft(family, init):
         if isinstance(m, peft.tuners.lora.LoraLayer)
     }
     for branch in [m for m in compiled.modules() if isinstance(m, adaptc.layers.LoraBranch)]:
-        theirs = layers[branch.target]
-        torch.testing.assert_close(branch.lora_A.weight, theirs.lora_A["default"].weight)
-        torch.testing.assert_close(branch.lora_B.weight, theirs.lora_B["default"].weight)
+        theirs = dict(layers[branch.target].named_parameters())
+        for name, param in branch.named_parameters():
+            head, _, tail = name.partition(".")
+            key = f"{head}.default.{tail}" if tail else f"{head}.default"
+            torch.testing.assert_close(param, theirs[key], rtol=0, atol=0, msg=name)
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 1)
+        self.conv3 = torch.nn.Conv1d(8, 4, 3, stride=2)
+        self.head = torch.nn.Linear(4 * 7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # (B, 8, 8, 8)
+        x = self.conv3(x.flatten(2)[..., :16])  # (B, 4, 7)
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize(
+    "fields", [{"r": 2}, {"r": 2, "use_dora": True}, {"r": 2, "lora_bias": True}]
+)
+def test_cnn_matches_peft(fields):
+    model = SmallCNN()
+    targets = {"kind": "types", "types": ["nn.Conv2d", "nn.Conv1d", "nn.Linear"]}
+    spec = adaptc.load_spec(_spec(targets, fields))
+    names = [t.path for t in adaptc.build_plan(model, spec).targets]
+    config = peft.LoraConfig(target_modules=names, **{k: v for k, v in fields.items()})
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    compiled = adaptc.compile(model, spec)
+    share_adapter_weights(peft_model, compiled)
+    assert isinstance(compiled, torch.fx.GraphModule)  # a CNN traces whole
+    x = torch.randn(2, 3, 8, 8)
+    _compare_plain(peft_model, compiled, x)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_embedding_targets_match_peft(family):
+    model = tiny_hf(family)
+    names = ["embed_tokens", "q_proj"]
+    peft_model, compiled = build_pair(model, _spec({"kind": "names", "names": names}, {"r": 3}))
+    _compare(peft_model, compiled, hf_inputs(family))
+
+
+def _compare_plain(peft_model, compiled, x):
+    peft_model.eval()
+    compiled.eval()
+    ours, theirs = compiled(x), peft_model(x)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    ours.pow(2).mean().backward()
+    theirs.pow(2).mean().backward()
+    grads = adapter_grads(compiled)
+    for key, expected in peft_grads(peft_model, grads).items():
+        torch.testing.assert_close(grads[key], expected, rtol=1e-5, atol=1e-6, msg=str(key))
