@@ -101,7 +101,6 @@ class LayerRule(ABC):
     ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
         """A new, initialised branch, and replacements for base tensors (PiSSA/OLoRA only)."""
 
-    @abstractmethod
     def emit(
         self,
         graph: fx.Graph,
@@ -117,7 +116,21 @@ class LayerRule(ABC):
 
         ``base_path`` and ``branch_path`` are the qualified names of the base layer and of
         the branch in the module that owns ``graph``. The caller rewires ``base_out``'s users.
+        The default emits ``base_out + lora_B(lora_A(dropout(x))) * s`` (a DoRA branch
+        emits its own call); rules whose branch differs override it.
         """
+        if getattr(branch, "is_dora", False):
+            from adaptc.layers.dora import emit_dora_branch
+
+            return emit_dora_branch(
+                self, graph, x, base_out, base=base, base_path=base_path, branch=branch,
+                branch_path=branch_path,
+            )  # fmt: skip
+        from adaptc.layers.linear import emit_linear_branch
+
+        return emit_linear_branch(
+            graph, x, base_out, base=base, branch=branch, branch_path=branch_path
+        )
 
     @abstractmethod
     def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:

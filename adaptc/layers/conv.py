@@ -21,12 +21,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
 from adaptc.layers.branch import LoraBranch
 from adaptc.layers.init import init_factors
-from adaptc.layers.linear import emit_linear_branch
 
 __all__ = ["CONV_FN", "ConvRule", "make_conv_branch"]
 
@@ -81,35 +80,6 @@ class ConvRule(LayerRule):
 
             return make_dora_branch(self, module, cfg)
         return make_conv_branch(module, cfg), {}
-
-    def emit(
-        self,
-        graph: fx.Graph,
-        x: fx.Node,
-        base_out: fx.Node,
-        *,
-        base: nn.Module,
-        base_path: str,
-        branch: LoraBranch,
-        branch_path: str,
-    ) -> fx.Node:
-        """The same nodes as for ``nn.Linear``: ``base_out + lora_B(lora_A(dropout(x))) * s``."""
-        if getattr(branch, "is_dora", False):
-            from adaptc.layers.dora import emit_dora_branch
-
-            return emit_dora_branch(
-                self,
-                graph,
-                x,
-                base_out,
-                base=base,
-                base_path=base_path,
-                branch=branch,
-                branch_path=branch_path,
-            )
-        return emit_linear_branch(
-            graph, x, base_out, base=base, branch=branch, branch_path=branch_path
-        )
 
     def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
         _refuse_merge(module, branch)

@@ -40,34 +40,6 @@ class LinearRule(LayerRule):
             return make_dora_branch(self, module, cfg)
         return make_linear_branch(self, module, cfg)
 
-    def emit(
-        self,
-        graph: fx.Graph,
-        x: fx.Node,
-        base_out: fx.Node,
-        *,
-        base: nn.Module,
-        base_path: str,
-        branch: LoraBranch,
-        branch_path: str,
-    ) -> fx.Node:
-        if getattr(branch, "is_dora", False):
-            from adaptc.layers.dora import emit_dora_branch
-
-            return emit_dora_branch(
-                self,
-                graph,
-                x,
-                base_out,
-                base=base,
-                base_path=base_path,
-                branch=branch,
-                branch_path=branch_path,
-            )
-        return emit_linear_branch(
-            graph, x, base_out, base=base, branch=branch, branch_path=branch_path
-        )
-
     def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
         A, B = branch.lora_A.weight, branch.lora_B.weight
         assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
