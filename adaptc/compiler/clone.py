@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["share_clone", "share_parameter"]
 
@@ -28,7 +29,10 @@ def share_parameter(param: nn.Parameter, *, requires_grad: bool = False) -> nn.P
 
 def share_clone(model: nn.Module) -> nn.Module:
     """Copy the module tree of ``model``; weights are shared and frozen."""
-    return _Cloner().clone(model)
+    cloner = _Cloner()
+    new = cloner.clone(model)
+    cloner.remap_handles()
+    return new
 
 
 class _Cloner:
@@ -36,6 +40,9 @@ class _Cloner:
         self.modules: dict[int, nn.Module] = {}
         self.params: dict[int, nn.Parameter] = {}
         self.configs: dict[int, Any] = {}
+        self.hook_dicts: dict[int, Any] = {}  # id(original hooks dict) -> its copy
+        self.handles: list[tuple[dict[str, Any], str]] = []  # (new __dict__, key) to remap
+        self.new_handles: dict[int, RemovableHandle] = {}
 
     def clone(self, module: nn.Module) -> nn.Module:
         if id(module) in self.modules:
@@ -46,8 +53,11 @@ class _Cloner:
         for key, value in state.items():
             if key.startswith("_") and isinstance(value, _HOOK_CONTAINERS):
                 state[key] = copy.copy(value)  # hooks, buffer sets: ours from now on
+                self.hook_dicts[id(value)] = state[key]
             elif _is_config(value):
                 state[key] = self.config(value)
+            elif _holds_handles(value):  # e.g. transformers' _require_grads_hooks
+                self.handles.append((new.__dict__, key))
         state["_parameters"] = {
             name: None if p is None else self.param(p) for name, p in module._parameters.items()
         }
@@ -59,6 +69,27 @@ class _Cloner:
             for name, child in module._modules.items()
         }
         new.__dict__.update(state)
+        return new
+
+    def remap_handles(self) -> None:
+        """Hook handles kept in attributes must remove the copy's hooks, not the original's."""
+        for state, key in self.handles:
+            value = state[key]
+            if isinstance(value, RemovableHandle):
+                state[key] = self._handle(value)
+            else:
+                state[key] = type(value)(self._handle(h) for h in value)
+
+    def _handle(self, handle: RemovableHandle) -> RemovableHandle:
+        if id(handle) in self.new_handles:  # one handle may be kept under two names
+            return self.new_handles[id(handle)]
+        target = self.hook_dicts.get(id(handle.hooks_dict_ref()))
+        if target is None:
+            return handle
+        extra = [self.hook_dicts.get(id(ref()), ref()) for ref in handle.extra_dict_ref]
+        new = RemovableHandle(target, extra_dict=[d for d in extra if d is not None])
+        new.id = handle.id
+        self.new_handles[id(handle)] = new
         return new
 
     def param(self, p: nn.Parameter) -> nn.Parameter:
@@ -81,6 +112,12 @@ def _own_buffer(module: nn.Module, name: str, buf: torch.Tensor | None) -> torch
         "num_batches_tracked",
     )
     return buf.clone() if running else buf
+
+
+def _holds_handles(value: Any) -> bool:
+    if isinstance(value, RemovableHandle):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, RemovableHandle) for v in value)
 
 
 def _is_config(value: Any) -> bool:

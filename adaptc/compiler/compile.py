@@ -45,7 +45,6 @@ class Compiled:
     spec: Spec
     plan: Plan
     active: tuple[str, ...]
-    merged: bool = False
 
 
 def compiled_info(model: nn.Module) -> Compiled | None:
@@ -69,11 +68,11 @@ def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
         warnings.warn(message, AdaptcWarning, stacklevel=2)
     new = share_clone(model)
     modules = dict(new.named_modules(remove_duplicate=False))
-    leaves = _attach_branches(modules, plan, spec)
+    targets = _attach_branches(modules, plan, spec)
     _make_biases_trainable(new, plan)
-    leaves |= _wrap_modules_to_save(new, plan)
-    holders = _holders(new, leaves)
-    root = frontier(new, lambda m: id(m) in holders, leaves)
+    wrappers = _wrap_modules_to_save(new, plan)
+    holders = _holders(new, targets)
+    root = frontier(new, lambda m: id(m) in holders, targets, wrappers)
     active = (next(iter(spec.adapters)),)
     for module in root.modules():
         if is_adapted_graph(module):
@@ -98,7 +97,7 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
         if is_adapted_graph(module):
             merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
     new = _unwrap_adapted_layers(new)
-    new.__dict__["_adaptc"] = Compiled(info.spec, info.plan, tuple(names), merged=True)
+    new.__dict__.pop("_adaptc", None)  # a plain model: it can be compiled again
     return new
 
 
@@ -171,11 +170,19 @@ def _holders(model: nn.Module, leaves: set[int]) -> set[int]:
 
 
 def _unwrap_adapted_layers(model: nn.Module) -> nn.Module:
-    """After merging, an ``AdaptedLayer`` is just its layer: put the layer back in its place."""
-    if isinstance(model, AdaptedLayer):
-        return model.base_layer  # type: ignore[no-any-return]
+    """After merging, an ``AdaptedLayer`` is just its layer and a saved module its active
+    copy: put them back in their places, so the model has the original's structure."""
+
+    def plain(module: nn.Module) -> nn.Module:
+        if isinstance(module, AdaptedLayer):
+            return module.base_layer  # type: ignore[no-any-return]
+        if isinstance(module, ModulesToSave):
+            return module.active_module
+        return module
+
+    model = plain(model)
     for module in list(model.modules()):
         for name, child in list(module._modules.items()):
-            if isinstance(child, AdaptedLayer):
-                module._modules[name] = child.base_layer
+            if child is not None:
+                module._modules[name] = plain(child)
     return model

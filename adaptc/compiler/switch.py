@@ -33,8 +33,6 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         raise CompileError(
             f"the model has no adapter {unknown[0]!r} (has: {', '.join(info.spec.adapters)})"
         )
-    if info.merged:
-        raise CompileError("a merged model has no adapters to switch")
     _apply(model, chosen)
     info.active = chosen
 

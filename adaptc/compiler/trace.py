@@ -53,20 +53,25 @@ class _LeafTracer(fx.Tracer):
 
 
 def frontier(
-    root: nn.Module, holds_target: Callable[[nn.Module], bool], leaves: set[int]
+    root: nn.Module,
+    holds_target: Callable[[nn.Module], bool],
+    targets: set[int],
+    opaque: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> nn.Module:
     """Replace the subtrees of ``root`` that hold targets with graph modules (in place).
 
-    ``holds_target(m)`` says whether ``m`` is or contains a target; ``leaves`` are the ids
-    of modules the tracer must not enter (targets, modules_to_save wrappers). Returns the
-    new root, which is ``root`` itself unless the whole model traced.
+    ``holds_target(m)`` says whether ``m`` is or contains a target; ``targets`` are the ids
+    of the target layers, ``opaque`` those of other modules the tracer must not enter
+    (modules_to_save wrappers). Returns the new root, which is ``root`` itself unless the
+    whole model traced.
     """
+    leaves = targets | opaque
     done: dict[int, nn.Module] = {}
 
     def visit(module: nn.Module) -> nn.Module:
         if id(module) in done:  # a module shared by several parents is rewritten once
             return done[id(module)]
-        if id(module) in leaves:
+        if id(module) in targets:
             result: nn.Module = _wrap_leaf(module)
         else:
             traced = _try_trace(module, leaves)

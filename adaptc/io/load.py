@@ -173,4 +173,21 @@ def _load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
                 f"{tuple(param.shape)}"
             )
     for key, param in expected.items():
-        param.copy_(state[key].to(param.dtype))
+        value = state[key].to(param.dtype)
+        if _is_base_tensor(key):  # e.g. a targeted embedding's base weight: shared with the
+            _replace_parameter(model, param, value)  # user's model, so never written in place
+        else:
+            param.copy_(value)
+
+
+def _is_base_tensor(key: str) -> bool:
+    return ".base_layer." in key and ".lora_" not in key and not key.endswith(".bias")
+
+
+def _replace_parameter(model: nn.Module, old: torch.Tensor, value: torch.Tensor) -> None:
+    """Swap ``old`` for a new parameter holding ``value`` everywhere (ties are kept)."""
+    new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is old:
+                module._parameters[name] = new

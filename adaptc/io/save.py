@@ -16,7 +16,7 @@ from torch import nn
 from adaptc.compiler.compile import Compiled, compiled_info
 from adaptc.io.keys import adapter_state_dict
 from adaptc.plan.defaults import LORA_TARGET_MODULES, TASK_MODULES_TO_SAVE
-from adaptc.spec import NameTargets, RegexTargets
+from adaptc.spec import NameTargets, RegexTargets, Spec
 from adaptc.spec.dump import dump_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
 
@@ -60,7 +60,12 @@ def save_adapter(
                 "parent_library": cls.__module__,
             }
         files[folder / PEFT_CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
-    files[Path(SPEC_FILE_NAME)] = dump_spec(info.spec).encode()
+    saved = info.spec
+    if set(names) != set(info.spec.adapters):  # the spec beside the files lists what is there
+        data = info.spec.model_dump(by_alias=True)
+        data["adapters"] = {n: info.spec.adapters[n] for n in names}
+        saved = Spec.model_validate(data)
+    files[Path(SPEC_FILE_NAME)] = dump_spec(saved).encode()
     _write_all(target, files)
     return target
 

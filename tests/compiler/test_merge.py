@@ -114,3 +114,18 @@ def test_merge_bf16_within_bf16_tolerance():
         a = new(**hf_inputs("llama")).logits.float()
         b = merged(**hf_inputs("llama")).logits.float()
     torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
+def test_merged_model_is_plain_and_can_be_compiled_again():
+    model = tiny_hf("bert")
+    spec = {
+        "version": 1,
+        "task_type": "SEQ_CLS",
+        "adapters": {
+            "default": {"targets": {"kind": "names", "names": ["query"]}, "init": "random"}
+        },
+    }
+    merged = adaptc.merge(adaptc.compile(model, spec))
+    assert set(merged.state_dict()) == set(model.state_dict())  # classifier copy unwrapped
+    again = adaptc.compile(merged, spec)  # merge, then train another adapter
+    assert any(isinstance(m, LoraBranch) for m in again.modules())

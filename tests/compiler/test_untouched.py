@@ -140,3 +140,19 @@ def test_unmerged_model_stays_valid_after_merge():
     before = new(x)
     adaptc.merge(new)
     torch.testing.assert_close(new(x), before, rtol=0, atol=0)
+
+
+def test_hook_handles_held_by_the_model_act_on_the_copy():
+    model = tiny_hf("llama")
+    model.enable_input_require_grads()
+    new = adaptc.compile(
+        model,
+        {
+            "version": 1,
+            "adapters": {"default": {"targets": {"kind": "names", "names": ["q_proj"]}}},
+        },
+    )
+    hooks_before = len(model.model.embed_tokens._forward_hooks)
+    new.disable_input_require_grads()
+    assert len(model.model.embed_tokens._forward_hooks) == hooks_before
+    assert len(new.model.embed_tokens._forward_hooks) == hooks_before - 1

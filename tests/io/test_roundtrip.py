@@ -197,3 +197,27 @@ def test_original_model_untouched_by_load(tmp_path):
     assert before.keys() == after.keys()
     for n in before:
         assert before[n][0] == after[n][0] and torch.equal(before[n][1], after[n][1])
+
+
+def test_loading_an_adapter_with_embedding_base_weights_leaves_the_original(tmp_path):
+    model = tiny_hf("opt")
+    theirs = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(target_modules=["embed_tokens", "q_proj"])
+    )
+    with torch.no_grad():
+        theirs.base_model.model.model.decoder.embed_tokens.base_layer.weight.add_(1.0)
+    theirs.save_pretrained(str(tmp_path))
+    before = model.model.decoder.embed_tokens.weight.clone()
+    loaded = adaptc.load_adapter(model, tmp_path).eval()
+    assert torch.equal(model.model.decoder.embed_tokens.weight, before)
+    torch.testing.assert_close(_out(loaded, "opt"), _out(theirs.eval(), "opt"), **TOL)
+
+
+def test_saving_some_adapters_writes_a_spec_of_those(tmp_path):
+    model = tiny_hf("opt").eval()
+    qv = {"kind": "names", "names": ["q_proj", "v_proj"]}
+    data = {"version": 1, "adapters": {"default": {"targets": qv}, "other": {"targets": qv}}}
+    ours = adaptc.compile(model, data)
+    adaptc.save_adapter(ours, tmp_path, adapters=["default"])
+    assert list(adaptc.load_spec(tmp_path / "adaptc_spec.yaml").adapters) == ["default"]
+    adaptc.load_adapter(model, tmp_path)

@@ -1,0 +1,5 @@
+"""Entry point for ``python -m adaptc.demo``."""
+
+from adaptc.demo.run import main
+
+raise SystemExit(main())

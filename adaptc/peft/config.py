@@ -1,0 +1,256 @@
+"""PEFT's ``LoraConfig`` over adaptc specs: same argument names, defaults and order.
+
+``LoraConfig`` is a mutable dataclass, as PEFT's is; it validates itself on creation by
+converting to an adaptc :class:`~adaptc.Spec` through the PEFT-format importer, so errors
+are adaptc's one-line messages naming PEFT's keys. Arguments for features adaptc does not
+implement (QALoRA, EVA, LoftQ, …) keep PEFT's defaults; any other value is refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptc.spec import Spec, from_peft_config
+from adaptc.spec.load import PEFT_CONFIG_NAME
+from adaptc.spec.peft_config import PEFT_FORMAT_VERSION
+
+__all__ = [
+    "SUPPORTED_ARGUMENTS",
+    "LoraConfig",
+    "LoraRuntimeConfig",
+    "NotSupportedError",
+    "PeftType",
+    "TaskType",
+    "get_peft_config",
+]
+
+
+class NotSupportedError(NotImplementedError, ValueError):
+    """A PEFT argument or feature that adaptc does not implement (caught as either type)."""
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's method names; adaptc implements LoRA only."""
+
+    LORA = "LORA"
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types: they pick the model wrapper and the default modules to save."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's runtime options; only the default (no GPU offload) is supported."""
+
+    ephemeral_gpu_offload: bool = False
+
+
+# What plain LoRA uses: adaptc implements every one of these.
+SUPPORTED_ARGUMENTS = frozenset(
+    {
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",
+        "target_modules",
+        "exclude_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "fan_in_fan_out",
+        "bias",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_dora",
+        "lora_bias",
+    }
+)
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's ``LoraConfig`` (peft 0.21), for the LoRA features adaptc implements.
+
+    The arguments, their order and their defaults are PEFT's. As in PEFT, a list of
+    ``target_modules``/``exclude_modules`` becomes a set and ``peft_type`` is always LORA.
+    """
+
+    task_type: TaskType | str | None = None
+    peft_type: PeftType | str | None = None
+    auto_mapping: dict[str, Any] | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    r: int = 8
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # Not supported by adaptc: PEFT's defaults only.
+    megatron_config: dict[str, Any] | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: Any = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    use_dora: bool = False
+    velora_config: Any = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: list[tuple[int, int]] | None = None
+    runtime_config: Any = field(default_factory=LoraRuntimeConfig)
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.LORA
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self.to_spec()  # validate now: adaptc's one-line errors, with PEFT's key names
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a dict, as PEFT's ``to_dict`` (no ``runtime_config``)."""
+        out = asdict(self)
+        out.pop("runtime_config")
+        return out
+
+    def to_spec(self, adapter_name: str = "default") -> Spec:
+        """The adaptc spec for this config (one adapter, called ``adapter_name``)."""
+        _refuse_unsupported(self)
+        data = {k: _plain(v) for k, v in self.to_dict().items()}
+        return from_peft_config(data, name=adapter_name)
+
+    @classmethod
+    def from_spec(
+        cls, spec: Spec, adapter_name: str, target_modules: list[str] | None = None
+    ) -> LoraConfig:
+        """The ``LoraConfig`` PEFT would have for one adapter of ``spec``."""
+        return cls.from_dict(spec.to_peft_config(adapter_name, target_modules=target_modules))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """From ``adapter_config.json`` contents; keys this version does not know are dropped
+        with a warning, as PEFT does for configs written by newer versions."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"ignoring unknown LoraConfig keys {unknown} (written by a newer peft?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if data.get("peft_type", "LORA") != "LORA":
+            raise NotSupportedError(
+                f"peft_type {data['peft_type']!r} is not supported by adaptc (only LORA)"
+            )
+        kwargs = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
+        if isinstance(kwargs.get("runtime_config"), dict):
+            kwargs["runtime_config"] = LoraRuntimeConfig(**kwargs["runtime_config"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], subfolder: str | None = None
+    ) -> LoraConfig:
+        """Read ``adapter_config.json`` from a directory (or the file itself)."""
+        file = Path(path) / subfolder if subfolder else Path(path)
+        if file.is_dir():
+            file = file / PEFT_CONFIG_NAME
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} does not hold a JSON object")
+        return cls.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` as PEFT does (sets as lists, sorted keys)."""
+        out = {k: sorted(v) if isinstance(v, set) else _plain(v) for k, v in self.to_dict().items()}
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps(out, indent=2, sort_keys=True)
+        Path(save_directory, PEFT_CONFIG_NAME).write_text(text, encoding="utf-8")
+
+    @property
+    def task_name(self) -> str | None:
+        """``task_type`` as a plain string (or None)."""
+        return None if self.task_type is None else str(_plain(self.task_type))
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> LoraConfig:
+    """PEFT's ``get_peft_config``: a config object from a dict (LoRA only)."""
+    return LoraConfig.from_dict(config_dict)
+
+
+def _refuse_unsupported(config: LoraConfig) -> None:
+    for f in dataclasses.fields(config):
+        if f.name in SUPPORTED_ARGUMENTS:
+            continue
+        value = getattr(config, f.name)
+        if f.name == "runtime_config":
+            if value is None or value == LoraRuntimeConfig() or value == {}:
+                continue
+        elif f.default_factory is not dataclasses.MISSING:
+            if value is None or value == f.default_factory():
+                continue
+        elif value == f.default:
+            continue
+        raise NotSupportedError(
+            f"LoraConfig({f.name}={value!r}): {f.name} is not supported by adaptc "
+            f"(leave it at PEFT's default; see docs/peft-migration.md)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Enum members as their string values (what ``adapter_config.json`` holds)."""
+    return value.value if isinstance(value, enum.Enum) else value

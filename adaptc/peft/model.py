@@ -1,0 +1,324 @@
+"""PEFT's ``PeftModel``, wrapping an adaptc-compiled model (task classes: ``tasks.py``).
+
+Structure as in PEFT: ``peft_model.base_model`` is a :class:`LoraModel` whose ``.model``
+is the adapted model (``get_base_model()``); attributes are looked up through both, so
+``peft_model.config`` and ``peft_model.generate(...)`` work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adaptc.compiler import active_adapters, compile
+from adaptc.compiler.compile import compiled_info
+from adaptc.counting import print_trainable_parameters, trainable_parameters
+from adaptc.io import load_adapter as _load_adapter
+from adaptc.io import resolve_adapter_dir, save_adapter
+from adaptc.peft.config import LoraConfig, NotSupportedError
+from adaptc.peft.files import private_embeddings, write_spec_subset
+from adaptc.peft.tuner import LoraModel, assemble, config_of, freeze, unsupported
+
+__all__ = ["PeftModel", "check_special"]
+
+_SPECIAL_FORWARD_ARGS = {"adapter_names": "mixed-adapter batches", "alora_offsets": "aLoRA"}
+# from_pretrained keywords that change nothing offline (adaptc never downloads)
+_HUB_ONLY_KWARGS = frozenset({"token", "use_auth_token", "local_files_only"})
+
+
+class PeftModel(nn.Module):
+    """PEFT's ``PeftModel(model, peft_config, adapter_name)``, over ``adaptc.compile``.
+
+    Unlike PEFT, ``model`` is left untouched: the adapted model is a new one
+    (``get_base_model()``), sharing ``model``'s frozen weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_autocast(autocast_adapter_dtype)
+        self._setup(LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage))
+
+    @classmethod
+    def _wrap(cls, base_model: LoraModel) -> PeftModel:
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(base_model)
+        return self
+
+    def _setup(self, base_model: LoraModel) -> None:
+        self.base_model = base_model
+        self.peft_type = "LORA"
+        self.special_peft_forward_args = set(_SPECIAL_FORWARD_ARGS)
+        self.training = base_model.training = base_model.model.training  # no recursion
+        _prepare_for_gradient_checkpointing(base_model.model)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- what PEFT users read ----------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        active = self.active_adapters
+        return self.peft_config[active[0] if active else next(iter(self.peft_config))]
+
+    def get_base_model(self) -> nn.Module:
+        """The adapted model (PEFT's ``base_model.model``), not the model passed in."""
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        print_trainable_parameters(self)
+
+    # --- running -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        check_special(kwargs)
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        check_special(kwargs)
+        model: Any = self.get_base_model()
+        return model.generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes the base model's outputs exactly."""
+        with self.base_model.disabled():
+            yield
+
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """A *new* merged model; this one (and the original) stay valid and unchanged."""
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # --- adapters ------------------------------------------------------------------------
+    def add_adapter(
+        self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add a new (inactive) adapter. The adapted model is rebuilt: its parameters are new
+        objects, so create optimizers after adding adapters."""
+        if low_cpu_mem_usage:
+            raise unsupported("low_cpu_mem_usage", True)
+        source = compile(self.base_model.__dict__["_original"], peft_config.to_spec(adapter_name))
+        if peft_config.inference_mode:
+            freeze(source)
+        self.base_model.add_compiled(source, {adapter_name: adapter_name})
+        self.base_model.peft_config[adapter_name] = peft_config
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter under ``adapter_name`` (inactive; see :meth:`set_adapter`)."""
+        _check_load_args(torch_device, autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping)
+        original = self.base_model.__dict__["_original"]
+        loaded = _load(original, model_id, adapter_name, is_trainable, kwargs)
+        info = compiled_info(loaded)
+        assert info is not None
+        if adapter_name in info.spec.adapters:
+            renames = {adapter_name: adapter_name}
+        elif len(info.spec.adapters) == 1:
+            renames = {next(iter(info.spec.adapters)): adapter_name}
+        else:
+            raise ValueError(
+                f"{model_id} holds adapters {', '.join(info.spec.adapters)}, not {adapter_name!r}"
+            )
+        self.base_model.add_compiled(loaded, renames)
+        if not is_trainable:
+            self.eval()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    # --- files -----------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """PEFT's adapter directory (``adaptc.save_adapter``), plus ``adaptc_spec.yaml``."""
+        if not safe_serialization:
+            raise unsupported("safe_serialization", False, " (safetensors only; never pickle)")
+        if save_embedding_layers != "auto":
+            raise unsupported("save_embedding_layers", save_embedding_layers)
+        if path_initial_model_for_weight_conversion is not None:
+            raise unsupported(
+                "path_initial_model_for_weight_conversion", path_initial_model_for_weight_conversion
+            )
+        if kwargs:
+            raise unsupported(sorted(kwargs)[0], kwargs[sorted(kwargs)[0]])
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(
+                f"Cannot save these adapters: {missing}; the model has {list(self.peft_config)}"
+            )
+        if not is_main_process:
+            return
+        save_adapter(self.get_base_model(), save_directory, adapters=names)
+        info = compiled_info(self.get_base_model())
+        assert info is not None
+        if set(names) != set(info.spec.adapters):
+            write_spec_subset(Path(save_directory), info.spec, names)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """A new adapted model: ``model`` (untouched) with the adapter saved at ``model_id``
+        (a directory, or a hub id already in the local cache).
+
+        ``low_cpu_mem_usage`` is accepted and changes nothing (the weights are loaded).
+        """
+        if config is not None:
+            raise unsupported("config", config, " (the adapter's own adapter_config.json is used)")
+        device = kwargs.pop("torch_device", None)
+        _check_load_args(device, autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping)
+        loaded = _load(model, model_id, adapter_name, is_trainable, kwargs)
+        info = compiled_info(loaded)
+        assert info is not None
+        names = list(info.spec.adapters)
+        if names == [names[0]] and names[0] != adapter_name:  # an adaptc dir, another name
+            loaded = assemble(model, [(loaded, names[0], adapter_name)], info.spec)
+            names = [adapter_name]
+        configs = {n: config_of(loaded, n, inference_mode=not is_trainable) for n in names}
+        lora = LoraModel.from_compiled(loaded, model, configs)
+        from adaptc.peft.tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        task = info.spec.task_type
+        wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, cls) if task else cls
+        peft_model = wrapper._wrap(lora)
+        if adapter_name in names and active_adapters(loaded) != (adapter_name,):
+            peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+
+def _load(
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool,
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    subfolder = kwargs.pop("subfolder", None)
+    revision = kwargs.pop("revision", None)
+    cache_dir = kwargs.pop("cache_dir", None)
+    for key in _HUB_ONLY_KWARGS:
+        kwargs.pop(key, None)
+    kwargs.pop("low_cpu_mem_usage", None)
+    if kwargs:
+        key = sorted(kwargs)[0]
+        raise unsupported(key, kwargs[key])
+    directory = resolve_adapter_dir(model_id, cache_dir=cache_dir, revision=revision)
+    if subfolder:
+        directory = directory / subfolder
+    base = private_embeddings(model, directory)
+    return _load_adapter(base, directory, adapter_name=adapter_name, trainable=is_trainable)
+
+
+def _check_load_args(
+    torch_device: str | None,
+    autocast_adapter_dtype: bool,
+    ephemeral_gpu_offload: bool,
+    key_mapping: dict[str, str] | None,
+) -> None:
+    if torch_device is not None:
+        raise unsupported("torch_device", torch_device, " (weights load onto the model's device)")
+    _check_autocast(autocast_adapter_dtype)
+    if ephemeral_gpu_offload:
+        raise unsupported("ephemeral_gpu_offload", True)
+    if key_mapping:
+        raise unsupported("key_mapping", key_mapping)
+
+
+def _check_autocast(autocast_adapter_dtype: bool) -> None:
+    if not autocast_adapter_dtype:
+        raise unsupported(
+            "autocast_adapter_dtype", False, " (adapters on a half-precision base are float32)"
+        )
+
+
+def check_special(kwargs: dict[str, Any]) -> None:
+    """Refuse PEFT's special forward arguments when set (and drop them when None)."""
+    for key, feature in _SPECIAL_FORWARD_ARGS.items():
+        if kwargs.get(key) is not None:
+            raise NotSupportedError(f"{key} ({feature}) is not supported by adaptc")
+        kwargs.pop(key, None)
+
+
+def _prepare_for_gradient_checkpointing(model: Any) -> None:
+    """PEFT's input-gradient hook, on the *new* model only, when checkpointing is on."""
+    checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # transformers 5
+    if checkpointing is None:
+        checkpointing = getattr(type(model), "is_gradient_checkpointing", None)
+    if not isinstance(checkpointing, property) or not checkpointing.fget(model):  # type: ignore[misc]
+        return
+    if any(getattr(model, q, False) for q in ("is_loaded_in_8bit", "is_loaded_in_4bit")):
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
