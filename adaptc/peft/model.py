@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -21,7 +20,6 @@ from adaptc.counting import print_trainable_parameters, trainable_parameters
 from adaptc.io import load_adapter as _load_adapter
 from adaptc.io import resolve_adapter_dir, save_adapter
 from adaptc.peft.config import LoraConfig, NotSupportedError
-from adaptc.peft.files import private_embeddings, write_spec_subset
 from adaptc.peft.tuner import LoraModel, assemble, config_of, freeze, unsupported
 
 __all__ = ["PeftModel", "check_special"]
@@ -209,10 +207,6 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         save_adapter(self.get_base_model(), save_directory, adapters=names)
-        info = compiled_info(self.get_base_model())
-        assert info is not None
-        if set(names) != set(info.spec.adapters):
-            write_spec_subset(Path(save_directory), info.spec, names)
 
     @classmethod
     def from_pretrained(
@@ -277,8 +271,7 @@ def _load(
     directory = resolve_adapter_dir(model_id, cache_dir=cache_dir, revision=revision)
     if subfolder:
         directory = directory / subfolder
-    base = private_embeddings(model, directory)
-    return _load_adapter(base, directory, adapter_name=adapter_name, trainable=is_trainable)
+    return _load_adapter(model, directory, adapter_name=adapter_name, trainable=is_trainable)
 
 
 def _check_load_args(

@@ -156,11 +156,11 @@ class LoraModel(nn.Module):
         ``progressbar`` is accepted and shows nothing (merging is one pass).
         """
         del progressbar
-        return _plain(merge(self.model, adapters=adapter_names, safe=safe_merge))
+        return merge(self.model, adapters=adapter_names, safe=safe_merge)
 
     def unload(self) -> nn.Module:
         """A new plain model without the adapters (``modules_to_save`` copies kept, as PEFT)."""
-        return _plain(merge(self.model, adapters=[], safe=False))
+        return merge(self.model, adapters=[], safe=False)
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         raise NotSupportedError(
@@ -264,16 +264,3 @@ def _adapter_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter
             yield from module.parameters()
         elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
             yield from module.modules_to_save[adapter].parameters()
-
-
-def _plain(model: nn.Module) -> nn.Module:
-    """What PEFT's unload leaves: ``modules_to_save`` wrappers replaced by the active module,
-    and no adaptc bookkeeping (so the model can be adapted again)."""
-    if isinstance(model, ModulesToSave):
-        return model.active_module
-    for module in list(model.modules()):
-        for name, child in list(module._modules.items()):
-            if isinstance(child, ModulesToSave):
-                module._modules[name] = child.active_module
-    model.__dict__.pop("_adaptc", None)
-    return model
