@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["print_trainable_parameters", "trainable_parameters"]
+__all__ = ["print_trainable_parameters", "trainable_line", "trainable_parameters"]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -18,8 +18,12 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def print_trainable_parameters(model: nn.Module) -> None:
+def trainable_line(trainable: int, total: int) -> str:
     """``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
-    trainable, total = trainable_parameters(model)
     share = 100 * trainable / total if total else 0.0
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line for ``model`` (see :func:`trainable_line`)."""
+    print(trainable_line(*trainable_parameters(model)))

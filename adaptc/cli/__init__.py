@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from adaptc import __version__
-from adaptc.cli import convert, schema, validate
+from adaptc.cli import compile, convert, inspect, merge, plan, schema, validate
 
 __all__ = ["main"]
 
-_COMMANDS = (validate, schema, convert)
+# the order of `adaptc --help`
+_COMMANDS = (validate, schema, convert, inspect, plan, compile, merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adaptc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `adaptc plan ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

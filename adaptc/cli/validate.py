@@ -7,8 +7,13 @@ import glob
 import json
 from pathlib import Path
 
+from torch import nn
+
 from adaptc.cli._common import add_command, fail
-from adaptc.spec import SpecIssue, check_file
+from adaptc.models import ModelError, ModelRef, build_model, resolve_model
+from adaptc.plan.plan import build_plan
+from adaptc.spec import SpecIssue, check_file, spec_from_data
+from adaptc.spec.source import read_document
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -23,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         adaptc validate specs/                      # every *.yaml, *.yml, *.json below
         adaptc validate 'specs/**/*.yaml' my.json   # globs and files
         adaptc validate --format github specs/      # annotations in GitHub Actions
+        adaptc validate specs/ --model ./checkpoints/opt-350m  # and their targets match it
         """,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="spec files, directories or globs")
@@ -33,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="text (default), json, or github (::error annotations)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the errors")
+    p.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="also plan each valid spec on MODEL (built on the meta device, no weight read): "
+        "a spec whose targets match nothing is an error (model directory, config.json, "
+        "hub id in the local cache, or package.module:factory)",
+    )
+    p.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache to look in for --model")
     p.set_defaults(run=run)
 
 
@@ -70,6 +84,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail("validate", str(exc), 2)
     results = {str(f): check_file(f) for f in files}
+    warnings: dict[str, list[str]] = {}
+    if args.model:
+        try:
+            ref = resolve_model(args.model, cache_dir=args.cache_dir)
+        except ModelError as exc:
+            return fail("validate", str(exc), 2)
+        models: dict[str | None, nn.Module | ModelError] = {}  # one meta model per task_type
+        for path in files:
+            if not results[str(path)]:
+                results[str(path)], warnings[str(path)] = _check_on_model(path, ref, models)
     invalid = sum(1 for issues in results.values() if issues)
     errors = sum(len(issues) for issues in results.values())
     summary = (
@@ -81,18 +105,52 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "files": [
                 {"file": f, "valid": not issues, "errors": [i.to_dict() for i in issues]}
+                | ({"warnings": warnings.get(f, [])} if args.model else {})
                 for f, issues in results.items()
             ],
             "summary": {"files": len(files), "invalid": invalid, "errors": errors},
         }
         print(json.dumps(payload, indent=2))
     else:
-        for issues in results.values():
+        for name, issues in results.items():
             for issue in issues:
                 print(_github(issue) if args.format == "github" else str(issue))
+            if not args.quiet:
+                for message in warnings.get(name, []):
+                    print(
+                        _github_warning(name, message)
+                        if args.format == "github"
+                        else f"{name}: warning: {message}"
+                    )
         if not args.quiet:
             print(summary)
     return 1 if invalid else 0
+
+
+def _check_on_model(
+    path: Path, ref: ModelRef, models: dict[str | None, nn.Module | ModelError]
+) -> tuple[list[SpecIssue], list[str]]:
+    """Plan each adapter of a valid spec on the model: (errors, warnings)."""
+    doc = read_document(path)
+    spec = spec_from_data(doc.data, doc)
+    if spec.task_type not in models:
+        try:
+            models[spec.task_type] = build_model(ref, task_type=spec.task_type, meta=True)
+        except ModelError as exc:
+            models[spec.task_type] = exc
+    model = models[spec.task_type]
+    if isinstance(model, ModelError):
+        return [doc.issue(("task_type",), "task_type", str(model))], []
+    issues: list[SpecIssue] = []
+    warnings: list[str] = []
+    for name, adapter in spec.adapters.items():
+        try:  # one adapter at a time, so an error names its adapter
+            plan = build_plan(model, spec.model_copy(update={"adapters": {name: adapter}}))
+        except ValueError as exc:
+            issues.append(doc.issue(("adapters", name), f"adapters.{name}", str(exc)))
+            continue
+        warnings.extend(f"adapters.{name}: {w}" for w in plan.warnings)
+    return issues, warnings
 
 
 def _github(issue: SpecIssue) -> str:
@@ -104,6 +162,11 @@ def _github(issue: SpecIssue) -> str:
         props.append(f"col={issue.column}")
     props.append("title=adaptc validate")
     return f"::error {','.join(props)}::{_escape_data(f'{issue.field}: {issue.message}')}"
+
+
+def _github_warning(file: str, message: str) -> str:
+    props = f"file={_escape_property(file)},title=adaptc validate"
+    return f"::warning {props}::{_escape_data(message)}"
 
 
 def _escape_data(text: str) -> str:

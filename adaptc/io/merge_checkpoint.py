@@ -27,7 +27,7 @@ from torch import nn
 
 from adaptc.compiler.passes import merged_layer
 from adaptc.io.keys import PREFIX
-from adaptc.io.load import AdapterLoadError, _read_spec, _read_weights
+from adaptc.io.load import AdapterLoadError, _read_spec, _read_weights, resolve_adapter_dir
 from adaptc.layers import rule_for
 from adaptc.plan.plan import PlannedTarget, build_plan
 from adaptc.spec import Spec
@@ -65,7 +65,7 @@ def merge_checkpoint(
     shards = _shards(source)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    spec, folders = _read_spec(Path(adapter_dir), adapter or "default")
+    spec, folders = _read_spec(resolve_adapter_dir(adapter_dir), adapter or "default")
     name = adapter or next(iter(spec.adapters))
     if name not in spec.adapters:
         raise AdapterLoadError(
@@ -76,6 +76,7 @@ def merge_checkpoint(
     targets = {t.path: t for t in plan.targets if t.adapter == name}
     weights_path, adapter_tensors = _read_weights(folders[name])
     merger = _Merger(meta, spec, name, targets, adapter_tensors, weights_path)
+    merger.check_fits()  # before writing anything
 
     staging = Path(
         tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
@@ -208,6 +209,25 @@ class _Merger:
         out = getattr(merged, attr)
         assert isinstance(out, torch.Tensor)
         return out.detach().to(tensor.dtype).contiguous()
+
+    def check_fits(self) -> None:
+        """The adapter file holds exactly the LoRA tensors this model's targets need."""
+        needed = set()
+        for path, target in self.targets.items():
+            cfg = target.branch_config(self.spec.adapters[self.adapter])
+            leaf = self.meta.get_submodule(path)
+            rule = rule_for(leaf)
+            assert rule is not None
+            branch, _ = rule.make_branch(_meta_copy(leaf), cfg)
+            needed |= {f"{PREFIX}{path}.{n}" for n, _ in branch.named_parameters()}
+        present = {k for k in self.tensors if ".lora_" in k}
+        missing, extra = sorted(needed - present), sorted(present - needed)
+        if missing or extra:
+            problem = (f"{len(missing)} missing (e.g. {missing[0]})" if missing
+                       else f"{len(extra)} unexpected (e.g. {extra[0]})")  # fmt: skip
+            raise AdapterLoadError(
+                f"the adapter {self.weights_path} does not fit this model: LoRA tensors {problem}"
+            )
 
     def check_all_merged(self) -> None:
         missing = [p for p in self.targets if f"{p}.weight" not in self.done]

@@ -1,0 +1,138 @@
+"""``adaptc plan SPEC MODEL``: what compiling would do, on the meta device (no weight is read)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+import adaptc
+from adaptc.cli._common import add_command, fail
+from adaptc.counting import trainable_line
+from adaptc.models import (
+    DTYPES,
+    MemoryEstimate,
+    build_model,
+    dtype_name,
+    model_dtype,
+    resolve_model,
+    training_memory,
+)
+from adaptc.spec import Spec, SpecError
+
+_GIB = 1024**3
+CACHE_HELP = "Hugging Face cache to look in (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"
+REVISION_HELP = "hub revision of MODEL (default: the spec's base_model.revision, else main)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = add_command(
+        sub,
+        "plan",
+        "Show what compiling SPEC onto MODEL would do: the adapted modules, their shapes and "
+        "parameter counts, and the memory to train. The model is built on the meta device: "
+        "no weight is read, so a 70B model plans in seconds.",
+        """
+        adaptc plan specs/examples/llama-all-linear.yaml meta-llama/Llama-2-7b-hf  # cached id
+        adaptc plan my-spec.yaml ./checkpoints/opt-350m          # a model directory
+        adaptc plan my-spec.yaml llama-70b/config.json --dtype bf16
+        adaptc plan my-spec.yaml mypkg.models:build --json       # a factory; JSON on stdout
+        """,
+    )
+    p.add_argument("spec", metavar="SPEC", help="spec file, adapter_config.json or adapter dir")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        help="model directory, config.json, hub id in the local cache, or package.module:factory "
+        "(default: the spec's base_model.name)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        help="dtype of the base weights for the memory estimate (default: the checkpoint's)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--cache-dir", metavar="DIR", help=CACHE_HELP)
+    p.add_argument("--revision", metavar="REV", help=REVISION_HELP)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = adaptc.load_spec(args.spec)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    name, revision = model_of(spec, args.model, args.revision)
+    if name is None:
+        return fail("plan", f"give MODEL: {args.spec} has no base_model.name")
+    try:
+        ref = resolve_model(name, cache_dir=args.cache_dir, revision=revision)
+        model = build_model(
+            ref, task_type=spec.task_type, meta=True, dtype=DTYPES.get(args.dtype or "")
+        )
+        plan = adaptc.build_plan(model, spec)
+    except ValueError as exc:  # ModelError, and the plan's one-line target errors
+        return fail("plan", str(exc))
+    dtype = model_dtype(model)
+    memory = training_memory(plan, dtype)
+    line = trainable_line(plan.trainable_params, plan.total_params)
+    if args.json:
+        doc: dict[str, Any] = {
+            "model": name,
+            "model_class": type(model).__name__,
+            "model_type": getattr(getattr(model, "config", None), "model_type", None),
+            "plan": plan.to_dict(),
+            "trainable_line": line,
+            "memory": {
+                "dtype": dtype_name(dtype),
+                **{k: m.to_dict() for k, m in memory.items()},
+            },
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{name}: {type(model).__name__} (meta device, no weight read)")
+    print(replace(plan, warnings=()))
+    print(line)
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
+    print(memory_table(memory, dtype))
+    return 0
+
+
+def model_of(spec: Spec, model: str | None, revision: str | None) -> tuple[str | None, str | None]:
+    """MODEL and its revision: as given, else the spec's ``base_model`` (None when neither)."""
+    base = spec.base_model
+    if base is not None and model in (None, base.name):
+        return base.name, revision or base.revision
+    return model, revision
+
+
+def memory_table(memory: dict[str, MemoryEstimate], dtype: torch.dtype) -> str:
+    rows: list[tuple[str, ...]] = [("memory to train", "weights", "gradients", "AdamW", "total")]
+    for label, key in (("LoRA", "lora"), ("full fine-tuning", "full")):
+        m = memory[key]
+        rows.append(
+            (
+                label,
+                *(f"{n / _GIB:,.2f} GiB" for n in (m.weights, m.gradients, m.optimizer, m.total)),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    note = (
+        f"base weights {dtype_name(dtype)}, adapter weights fp32, AdamW states fp32; "
+        "activations not included"
+    )
+    return "\n".join([*lines, f"({note})"])

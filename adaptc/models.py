@@ -1,0 +1,361 @@
+"""Base models for the CLI: what a MODEL argument names, and building it (on meta or with weights).
+
+A MODEL reference is one of:
+
+- a local Hugging Face model directory (``config.json`` plus ``model.safetensors``, or shards
+  listed in ``model.safetensors.index.json``);
+- a ``config.json`` file alone (the architecture with random weights);
+- a hub id (``org/name``) that is already in the local Hugging Face cache — nothing is ever
+  downloaded;
+- ``package.module:factory``: the module is imported and ``factory()`` returns the model.
+
+>>> ref = resolve_model("out/tiny-llama")                              # doctest: +SKIP
+>>> meta = build_model(ref, task_type="CAUSAL_LM", meta=True)          # no weight is read
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from adaptc.compiler.compile import AdaptcWarning
+from adaptc.plan.plan import Plan
+
+__all__ = [
+    "AUTO_CLASSES",
+    "CONFIG_NAME",
+    "DTYPES",
+    "MemoryEstimate",
+    "ModelError",
+    "ModelRef",
+    "build_model",
+    "dtype_name",
+    "model_dtype",
+    "resolve_model",
+    "saved_task_type",
+    "training_memory",
+]
+
+CONFIG_NAME = "config.json"
+
+# spec task_type -> the transformers auto class that builds the model (PEFT's task wrappers).
+AUTO_CLASSES: dict[str | None, str] = {
+    None: "AutoModel",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+_FACTORY = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*)$")
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+class ModelError(ValueError):
+    """A MODEL reference names nothing usable, or the model cannot be built (one line)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved MODEL reference: where the model comes from."""
+
+    ref: str  # as the user wrote it
+    kind: Literal["dir", "config", "hub", "factory"]
+    path: Path | None = None  # the model directory (dir, hub) or the config file (config)
+    factory: Callable[[], Any] | None = None
+
+    def __str__(self) -> str:
+        return self.ref
+
+
+def resolve_model(
+    ref: str, *, cache_dir: str | os.PathLike[str] | None = None, revision: str | None = None
+) -> ModelRef:
+    """Where ``ref`` points; raises :class:`ModelError` when it points at nothing usable."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise ModelError(f"{ref} has no {CONFIG_NAME}: not a Hugging Face model directory")
+        return ModelRef(ref, "dir", path)
+    if path.is_file():
+        if path.suffix.lower() != ".json":
+            raise ModelError(
+                f"{ref} is a file, but not a {CONFIG_NAME}: give a model directory, "
+                "a config.json, a cached hub id or package.module:factory"
+            )
+        return ModelRef(ref, "config", path)
+    match = _FACTORY.match(ref)
+    if match:
+        return ModelRef(ref, "factory", factory=_import_factory(ref, **match.groupdict()))
+    if ref.startswith((".", "/", "~")) or ref.endswith(".json") or not _HUB_ID.match(ref):
+        raise ModelError(f"no such file or directory: {ref}")
+    return ModelRef(ref, "hub", _cached_snapshot(ref, cache_dir, revision))
+
+
+def build_model(
+    ref: ModelRef,
+    *,
+    task_type: str | None,
+    meta: bool,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """The model ``ref`` names, with the auto class of ``task_type``.
+
+    With ``meta`` every tensor is on the meta device and no weight file is read (for plans
+    and counts: a 70B architecture builds in a fraction of a second). Otherwise weights are
+    loaded with ``from_pretrained`` (a directory or a cached hub id) or initialised at random
+    (a ``config.json``). ``dtype`` defaults to the checkpoint's. Weights the checkpoint lacks
+    (a new task head) or holds in excess are reported as one ``AdaptcWarning`` each.
+    ``progress`` shows transformers' loading bar.
+    """
+    if ref.kind == "factory":
+        return _call_factory(ref, meta=meta, dtype=dtype)
+    assert ref.path is not None
+    config = _read_config(ref)
+    auto = _auto_class(task_type)
+    try:
+        kwargs = {} if dtype is None else {"dtype": dtype}  # None: the config's dtype
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(config, **kwargs)  # type: ignore[no-any-return]
+        if ref.kind == "config":
+            return auto.from_config(config, **kwargs)  # type: ignore[no-any-return]
+        with _transformers_output(progress):
+            model, info = auto.from_pretrained(
+                ref.path, config=config, dtype=dtype or "auto", output_loading_info=True
+            )
+    except ValueError as exc:  # an architecture this auto class does not build
+        if "Unrecognized configuration class" in str(exc):
+            task = f"task_type {task_type}" if task_type else "no task_type"
+            raise ModelError(
+                f"{ref}: {auto.__name__} cannot build a {config.model_type!r} model "
+                f"({type(config).__name__}; the spec has {task}); choose a task_type that fits"
+            ) from None
+        raise ModelError(f"cannot load the model {ref}: {_first_line(exc)}") from None
+    except (OSError, RuntimeError, SafetensorError) as exc:  # missing, corrupt or mismatched
+        raise ModelError(f"cannot load the model {ref}: {_first_line(exc)}") from None
+    for what, keys in (
+        ("not in the checkpoint, initialised at random", info.get("missing_keys")),
+        ("in the checkpoint but not in the model, ignored", info.get("unexpected_keys")),
+    ):
+        if keys:
+            names = sorted(keys)
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            message = f"{ref}: weights {what}: {', '.join(names[:3])}{more}"
+            warnings.warn(message, AdaptcWarning, stacklevel=2)
+    return model  # type: ignore[no-any-return]
+
+
+_ARCHITECTURE_TASKS = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def saved_task_type(ref: ModelRef) -> str | None:
+    """The task type of the class a checkpoint was saved from (``config.architectures``):
+    ``OPTForCausalLM`` → ``CAUSAL_LM``; None for a bare model, a factory, or no match."""
+    if ref.kind == "factory":
+        return None
+    config = _read_config(ref)
+    architectures = getattr(config, "architectures", None) or []
+    name = architectures[0] if architectures else ""
+    if name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return next((task for suffix, task in _ARCHITECTURE_TASKS if name.endswith(suffix)), None)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 when none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _import_factory(ref: str, module: str, attr: str) -> Callable[[], Any]:
+    cwd = os.getcwd()  # `adaptc` as a console script does not put the working dir on sys.path
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # any import failure is the user's module's, reported in one line
+        raise ModelError(
+            f"cannot import module {module!r} for the model factory {ref}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    factory = getattr(mod, attr, None)
+    if factory is None:
+        raise ModelError(f"module {module!r} has no attribute {attr!r} (model factory {ref})")
+    if not callable(factory):
+        raise ModelError(
+            f"{attr!r} in module {module!r} is a {type(factory).__name__}, not callable "
+            f"(model factory {ref})"
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+def _call_factory(ref: ModelRef, *, meta: bool, dtype: torch.dtype | None) -> nn.Module:
+    assert ref.factory is not None
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = ref.factory()
+    except Exception as exc:  # the user's code: report it in one line
+        raise ModelError(
+            f"the model factory {ref} raised {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"the model factory {ref} returned a {type(model).__name__}, not a torch nn.Module"
+        )
+    return model.to(dtype) if dtype is not None else model
+
+
+def _cached_snapshot(
+    ref: str, cache_dir: str | os.PathLike[str] | None, revision: str | None
+) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(
+                ref,
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=True,
+            )
+        )
+    except Exception:  # LocalEntryNotFoundError, a bad repo id, an unreadable cache
+        at = f"@{revision}" if revision else ""
+        raise ModelError(
+            f"{ref}{at} is not a local path and is not in the Hugging Face cache; adaptc does "
+            "not download: fetch it where there is network (`hf download " + ref + "`) or pass "
+            "a directory"
+        ) from None
+    if not (folder / CONFIG_NAME).is_file():
+        raise ModelError(f"{ref} is in the Hugging Face cache, but without {CONFIG_NAME}")
+    return folder
+
+
+def _read_config(ref: ModelRef) -> Any:
+    from transformers import AutoConfig
+
+    assert ref.path is not None
+    try:
+        with _transformers_output(False):
+            return AutoConfig.from_pretrained(str(ref.path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        where = ref.path if ref.kind == "config" else ref.path / CONFIG_NAME
+        raise ModelError(f"cannot read the model config {where}: {_first_line(exc)}") from None
+
+
+def _auto_class(task_type: str | None) -> Any:
+    import transformers
+
+    if task_type not in AUTO_CLASSES:
+        raise ModelError(
+            f"unknown task_type {task_type!r}; known: {', '.join(map(str, AUTO_CLASSES))}"
+        )
+    return getattr(transformers, AUTO_CLASSES[task_type])
+
+
+@contextlib.contextmanager
+def _transformers_output(progress: bool) -> Iterator[None]:
+    """Transformers' progress bars on or off, and its log quiet (its load report becomes our
+    one-line warnings); both restored afterwards."""
+    from transformers.utils import logging as tf_logging
+
+    was_on = tf_logging.is_progress_bar_enabled()
+    level = tf_logging.get_verbosity()
+    if progress:
+        tf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    else:
+        tf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    tf_logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if was_on:
+            tf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+        else:
+            tf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32``/``bf16``/``fp16`` (the CLI's names), else torch's name (``float64``)."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes to train: weights, gradients and AdamW states (activations not included)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "total": self.total,
+        }
+
+
+def training_memory(plan: Plan, dtype: torch.dtype) -> dict[str, MemoryEstimate]:
+    """Memory to train with the plan's adapters (``"lora"``) and without (``"full"``).
+
+    LoRA: base weights (and ``modules_to_save`` copies) at ``dtype``, adapter weights in fp32
+    (PEFT's ``autocast_adapter_dtype``), gradients of the trainable parameters in their own
+    dtype, AdamW's two fp32 states per trainable parameter. Full fine-tuning: weights and
+    gradients of every base parameter at ``dtype``, and two fp32 states each.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    adapter = plan.adapter_params
+    others = plan.trainable_params - adapter  # biases and saved copies, at the base dtype
+    lora = MemoryEstimate(
+        weights=(plan.total_params - adapter) * size + adapter * 4,
+        gradients=adapter * 4 + others * size,
+        optimizer=2 * 4 * plan.trainable_params,
+    )
+    base = plan.base_params
+    full = MemoryEstimate(weights=base * size, gradients=base * size, optimizer=2 * 4 * base)
+    return {"lora": lora, "full": full}
