@@ -6,7 +6,11 @@ import argparse
 import sys
 import textwrap
 
-__all__ = ["add_command", "fail"]
+__all__ = ["DTYPE_NAMES", "add_command", "fail"]
+
+# --dtype choices; adaptc.models.DTYPES maps them to torch dtypes (not imported here: the
+# CLI imports torch only when a command needs it)
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 def add_command(

@@ -10,10 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 import adaptc
-from adaptc.cli._common import add_command, fail
+from adaptc.cli._common import DTYPE_NAMES, add_command, fail
 from adaptc.cli.plan import CACHE_HELP, REVISION_HELP, model_of
-from adaptc.counting import trainable_line
-from adaptc.models import DTYPES, build_model, dtype_name, model_dtype, resolve_model
 from adaptc.spec import SpecError
 
 
@@ -40,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "(default: the spec's base_model.name)",
     )
     p.add_argument("--out", metavar="DIR", help="write the initialised adapter to DIR")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="load the weights in this dtype")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="load the weights in this dtype")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar, no table: PEFT's line only"
@@ -51,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaptc.counting import trainable_line
+    from adaptc.models import DTYPES, build_model, dtype_name, model_dtype, resolve_model
+
     try:
         spec = adaptc.load_spec(args.spec)
     except SpecError as exc:

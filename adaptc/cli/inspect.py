@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from adaptc.cli._common import add_command, fail
 from adaptc.cli.plan import CACHE_HELP
-from adaptc.layers import rule_for
-from adaptc.models import build_model, resolve_model, saved_task_type
 from adaptc.plan.defaults import LORA_TARGET_MODULES
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaptc.models import build_model, resolve_model, saved_task_type
+
     try:
         ref = resolve_model(args.model, cache_dir=args.cache_dir, revision=args.revision)
         task_type = args.task_type or saved_task_type(ref)
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
+    from adaptc.layers import rule_for
+
     """What ``inspect`` prints, as data."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or None
@@ -118,6 +121,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
 
 def _output_head(model: nn.Module) -> str | None:
+    from torch import nn
+
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, nn.Module):

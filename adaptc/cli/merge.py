@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 
 from adaptc.cli._common import add_command, fail
-from adaptc.io.load import AdapterLoadError
-from adaptc.io.merge_checkpoint import merge_checkpoint
-from adaptc.models import ModelError, build_model, resolve_model
 from adaptc.spec import Spec, SpecError
 
 
@@ -44,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaptc.io.load import AdapterLoadError
+    from adaptc.io.merge_checkpoint import merge_checkpoint
+    from adaptc.models import ModelError, build_model, resolve_model
+
     out = Path(args.out)
     if out.exists() and not args.force:
         return fail("merge", f"{out} exists; pass --force to replace it")

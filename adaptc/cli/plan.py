@@ -6,23 +6,16 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import adaptc
-from adaptc.cli._common import add_command, fail
-from adaptc.counting import trainable_line
-from adaptc.models import (
-    DTYPES,
-    MemoryEstimate,
-    build_model,
-    dtype_name,
-    model_dtype,
-    resolve_model,
-    training_memory,
-)
+from adaptc.cli._common import DTYPE_NAMES, add_command, fail
 from adaptc.spec import Spec, SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from adaptc.models import MemoryEstimate
 
 _GIB = 1024**3
 CACHE_HELP = "Hugging Face cache to look in (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"
@@ -53,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         help="dtype of the base weights for the memory estimate (default: the checkpoint's)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -63,6 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaptc.counting import trainable_line
+    from adaptc.models import (
+        DTYPES,
+        build_model,
+        dtype_name,
+        model_dtype,
+        resolve_model,
+        training_memory,
+    )
+
     try:
         spec = adaptc.load_spec(args.spec)
     except SpecError as exc:
@@ -114,6 +117,8 @@ def model_of(spec: Spec, model: str | None, revision: str | None) -> tuple[str |
 
 
 def memory_table(memory: dict[str, MemoryEstimate], dtype: torch.dtype) -> str:
+    from adaptc.models import dtype_name
+
     rows: list[tuple[str, ...]] = [("memory to train", "weights", "gradients", "AdamW", "total")]
     for label, key in (("LoRA", "lora"), ("full fine-tuning", "full")):
         m = memory[key]

@@ -6,14 +6,16 @@ import argparse
 import glob
 import json
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from adaptc.cli._common import add_command, fail
-from adaptc.models import ModelError, ModelRef, build_model, resolve_model
-from adaptc.plan.plan import build_plan
 from adaptc.spec import SpecIssue, check_file, spec_from_data
 from adaptc.spec.source import read_document
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from adaptc.models import ModelError, ModelRef
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -85,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("validate", str(exc), 2)
     results = {str(f): check_file(f) for f in files}
     warnings: dict[str, list[str]] = {}
-    if args.model:
+    if args.model:  # only now: the model check needs torch and transformers
+        from adaptc.models import ModelError, resolve_model
+
         try:
             ref = resolve_model(args.model, cache_dir=args.cache_dir)
         except ModelError as exc:
@@ -131,6 +135,9 @@ def _check_on_model(
     path: Path, ref: ModelRef, models: dict[str | None, nn.Module | ModelError]
 ) -> tuple[list[SpecIssue], list[str]]:
     """Plan each adapter of a valid spec on the model: (errors, warnings)."""
+    from adaptc.models import ModelError, build_model
+    from adaptc.plan.plan import build_plan
+
     doc = read_document(path)
     spec = spec_from_data(doc.data, doc)
     if spec.task_type not in models:

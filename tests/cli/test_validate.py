@@ -136,3 +136,9 @@ def test_console_script_is_installed():
     ).stdout.strip()
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("adaptc ")
+
+
+def test_the_cli_and_the_spec_language_do_not_import_torch():
+    code = "import sys, adaptc, adaptc.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]"  # `adaptc validate` starts fast in CI
