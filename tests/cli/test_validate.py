@@ -139,6 +139,9 @@ def test_console_script_is_installed():
 
 
 def test_the_cli_and_the_spec_language_do_not_import_torch():
-    code = "import sys, adaptc, adaptc.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = (
+        "import sys, adaptc, adaptc.cli; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]"  # `adaptc validate` starts fast in CI
