@@ -129,3 +129,18 @@ def test_merged_model_is_plain_and_can_be_compiled_again():
     assert set(merged.state_dict()) == set(model.state_dict())  # classifier copy unwrapped
     again = adaptc.compile(merged, spec)  # merge, then train another adapter
     assert any(isinstance(m, LoraBranch) for m in again.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_merged_hf_model_saves_a_checkpoint_transformers_loads(family, tmp_path):
+    import transformers as tf
+
+    model = tiny_hf(family).eval()
+    merged = adaptc.merge(compile_random(model, targets=ALL, r=4)).eval()
+    merged.save_pretrained(tmp_path)
+    auto = tf.AutoModelForSequenceClassification if family == "bert" else tf.AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        expected = merged(**hf_inputs(family)).logits
+        torch.testing.assert_close(loaded(**hf_inputs(family)).logits, expected)
