@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaptc-installed
 
-.PHONY: demo test lint typecheck unit schema clean
+.PHONY: demo test lint typecheck unit schema bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# adaptc against peft, side by side: benchmarks/results.json, docs/benchmarks.md (+ .png)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
 
 schema: $(STAMP)
 	$(BIN)/adaptc schema --out schemas/adapter-spec.v1.json

@@ -1,0 +1,325 @@
+"""The benchmark cases: adaptc and peft on the same model, inputs, dtype and threads.
+
+Each case returns one row: ``{name, unit, adaptc, peft, base, ratio, target, met}``.
+``ratio`` is adaptc / peft (for overheads: adaptc's overhead / peft's overhead); ``met``
+says whether the ratio meets ``target`` (``<= target``, or within ±0.02 of 1.00 for the
+merged-inference row).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers as tf
+
+import adaptc
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeat: int = 10
+    warmup: int = 2
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    threads: int = 2
+    hidden: int = 512
+    layers: int = 6
+
+    @property
+    def llama(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.hidden * 8 // 3,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "vocab_size": 8000,
+        }
+
+
+def median_time(fn: Callable[[], Any], s: Settings) -> float:
+    for _ in range(s.warmup):
+        fn()
+    times = []
+    for _ in range(s.repeat):
+        _sync(s)
+        start = time.perf_counter()
+        fn()
+        _sync(s)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def median_times(fns: dict[str, Callable[[], Any]], s: Settings) -> dict[str, float]:
+    """Medians of interleaved runs (each round runs every function once), so drift in the
+    machine's speed hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(s.warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(s.repeat):
+        for key, fn in fns.items():
+            _sync(s)
+            start = time.perf_counter()
+            fn()
+            _sync(s)
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _sync(s: Settings) -> None:
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def row(
+    name: str, unit: str, ours: float, theirs: float | None, base: float | None,
+    ratio: float | None, target: str,
+) -> dict[str, Any]:  # fmt: skip
+    met = None
+    if ratio is not None:
+        if target.startswith("1.00"):
+            met = abs(ratio - 1.0) <= 0.02
+        else:
+            met = ratio <= float(target.removeprefix("<="))
+    return {
+        "name": name, "unit": unit, "adaptc": _round(ours), "peft": _round(theirs),
+        "base": _round(base), "ratio": _round(ratio), "target": target, "met": met,
+    }  # fmt: skip
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.4g}")
+
+
+def spec(dropout: float = 0.0, r: int = 16) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "task_type": "CAUSAL_LM",
+        "adapters": {"default": {"r": r, "lora_alpha": 2 * r, "lora_dropout": dropout,
+                                 "targets": {"kind": "names", "names": TARGETS}}},
+    }  # fmt: skip
+
+
+def peft_config(dropout: float = 0.0, r: int = 16) -> Any:
+    import peft
+
+    return peft.LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def base_model(s: Settings) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**s.llama))
+    return model.to(device=s.device, dtype=s.dtype).eval()
+
+
+def pair(s: Settings, dropout: float = 0.0) -> tuple[torch.nn.Module, Any, torch.nn.Module]:
+    """(base, peft model, adaptc model) with the same non-zero adapter weights."""
+    import peft
+
+    base = base_model(s)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(dropout))
+    ours = adaptc.compile(base, spec(dropout))
+    with torch.no_grad():
+        layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)}  # fmt: skip
+        for branch in [m for m in ours.modules() if isinstance(m, adaptc.layers.LoraBranch)]:
+            layer = layers[branch.target]
+            b = torch.randn_like(layer.lora_B["default"].weight) * 0.01
+            layer.lora_B["default"].weight.copy_(b)
+            branch.lora_B.weight.copy_(b)
+            branch.lora_A.weight.copy_(layer.lora_A["default"].weight)
+    return base, theirs, ours
+
+
+def inputs(s: Settings, seq: int, batch: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8000, (batch, seq), generator=gen).to(s.device)
+    return {"input_ids": ids}
+
+
+# --- the cases -------------------------------------------------------------------------
+
+
+def compile_meta(s: Settings, shape: str) -> dict[str, Any]:
+    import peft
+
+    shapes = {
+        "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+        "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000},
+    }  # fmt: skip
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**shapes[shape]))
+    data = {"version": 1, "task_type": "CAUSAL_LM",
+            "adapters": {"default": {"r": 16, "lora_alpha": 32, "targets": {"kind": "all-linear"}}}}  # fmt: skip
+    config = peft.LoraConfig(
+        r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    quick = Settings(repeat=max(1, s.repeat // 3), warmup=1)
+    ours = median_time(lambda: adaptc.compile(model, data), quick)
+    theirs = _peft_time(lambda m: peft.get_peft_model(m, config), model, quick)
+    return row(f"compile-meta-{shape}", "s", ours, theirs, None, ours / theirs, "<=0.5")
+
+
+def _peft_time(fn: Callable[[Any], Any], model: torch.nn.Module, s: Settings) -> float:
+    """peft rewrites the model in place: time it on copies made beforehand."""
+    copies = iter([copy.deepcopy(model) for _ in range(s.warmup + s.repeat)])
+    return median_time(lambda: fn(next(copies)), s)
+
+
+def compile_real(s: Settings) -> dict[str, Any]:
+    import peft
+
+    big = Settings(hidden=768, layers=12)  # ~100M parameters with its 8000-word vocabulary
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**big.llama, "vocab_size": 32000}))
+    quick = Settings(repeat=max(2, s.repeat // 3), warmup=1)
+    ours = median_time(lambda: adaptc.compile(model, spec()), quick)
+    theirs = _peft_time(lambda m: peft.get_peft_model(m, peft_config()), model, quick)
+    return row("compile-real-100m", "s", ours, theirs, None, ours / theirs, "<=1.0")
+
+
+def inference_overhead(s: Settings, seq: int) -> dict[str, Any]:
+    base, theirs, ours = pair(s)
+    x = inputs(s, seq)
+    with torch.no_grad():
+        t = median_times({"base": lambda: base(**x), "ours": lambda: ours(**x),
+                          "theirs": lambda: theirs(**x)}, s)  # fmt: skip
+    t_base, t_ours, t_theirs = t["base"], t["ours"], t["theirs"]
+    o_ours, o_theirs = t_ours / t_base - 1, t_theirs / t_base - 1
+    ratio = o_ours / o_theirs if o_theirs > 0 else None
+    return row(f"inference-overhead-seq{seq}", "t/t_base-1", o_ours, o_theirs, 0.0, ratio, "<=0.5")
+
+
+def merged_inference(s: Settings) -> dict[str, Any]:
+    base, _, ours = pair(s)
+    merged = adaptc.merge(ours).eval()
+    x = inputs(s, 128)
+    with torch.no_grad():
+        t = median_times({"base": lambda: base(**x), "merged": lambda: merged(**x)}, s)
+    t_base, t_merged = t["base"], t["merged"]
+    return row(
+        "merged-inference-seq128", "s", t_merged, None, t_base, t_merged / t_base, "1.00±0.02"
+    )
+
+
+def train_step(s: Settings, dropout: float) -> dict[str, Any]:
+    _, theirs, ours = pair(s, dropout)
+    x = inputs(s, 128, batch=2)
+
+    def stepper(model: torch.nn.Module) -> Callable[[], None]:
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            loss = model(**x, labels=x["input_ids"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    t = median_times({"ours": stepper(ours), "theirs": stepper(theirs)}, s)
+    t_ours, t_theirs = t["ours"], t["theirs"]
+    name = f"train-step-dropout{dropout:g}"
+    return row(name, "s", t_ours, t_theirs, None, t_ours / t_theirs, "<=0.9")
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from cases import Settings, pair, inputs
+    torch.set_num_threads(2)
+    s = Settings(hidden=int(sys.argv[3]), layers=int(sys.argv[4]))
+    _, theirs, ours = pair(s)
+    model = ours if sys.argv[1] == "adaptc" else theirs
+    model.train()
+    x = inputs(s, 128, batch=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    import gc; gc.collect()
+    def status(key):
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak (VmHWM) to the current size
+    before = status("VmRSS:")
+    for _ in range(2):
+        loss = model(**x, labels=x["input_ids"]).loss
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    print(json.dumps({"peak": status("VmHWM:") - before}))
+    """
+)
+
+
+def train_memory(s: Settings) -> dict[str, Any]:
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    peaks = {}
+    for who in ("adaptc", "peft"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEMORY_SCRIPT, who, here, str(s.hidden), str(s.layers)],
+            capture_output=True, text=True, check=True, timeout=600,
+        )  # fmt: skip
+        peaks[who] = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    ratio = peaks["adaptc"] / peaks["peft"] if peaks["peft"] else None
+    return row(
+        "train-step-peak-memory", "bytes", peaks["adaptc"], peaks["peft"], None, ratio, "<=0.9"
+    )
+
+
+def compiled_inference(s: Settings) -> dict[str, Any]:
+    _, theirs, ours = pair(s)
+    x = inputs(s, 128)
+    torch._dynamo.reset()
+    c_ours = torch.compile(ours)
+    c_theirs = torch.compile(theirs)
+    with torch.no_grad():
+        t = median_times({"ours": lambda: c_ours(**x), "theirs": lambda: c_theirs(**x)}, s)
+    t_ours, t_theirs = t["ours"], t["theirs"]
+    return row(
+        "torch-compile-inference-seq128", "s", t_ours, t_theirs, None, t_ours / t_theirs, "<=0.95"
+    )
+
+
+def merge_time(s: Settings) -> dict[str, Any]:
+    _, theirs, ours = pair(s)
+    t_ours = median_time(lambda: adaptc.merge(ours), s)
+    t_theirs = _peft_time(lambda m: m.merge_and_unload(), theirs, s)
+    gc.collect()
+    return row("merge", "s", t_ours, t_theirs, None, t_ours / t_theirs, "<=1.0")
+
+
+def all_cases(s: Settings) -> list[Callable[[], dict[str, Any]]]:
+    cases: list[Callable[[], dict[str, Any]]] = [
+        lambda: compile_meta(s, "7b"),
+        lambda: compile_meta(s, "70b"),
+        lambda: compile_real(s),
+        lambda: inference_overhead(s, 1),
+        lambda: inference_overhead(s, 128),
+        lambda: merged_inference(s),
+        lambda: train_step(s, 0.0),
+        lambda: train_step(s, 0.1),
+        lambda: train_memory(s),
+        lambda: compiled_inference(s),
+        lambda: merge_time(s),
+    ]
+    return cases
