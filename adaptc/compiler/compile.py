@@ -78,6 +78,9 @@ def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
         if is_adapted_graph(module):
             insert_branches(module, active)  # type: ignore[arg-type]
     root.__dict__["_adaptc"] = Compiled(spec, plan, active)
+    from adaptc.integrations.transformers import on_compile  # trainers save the adapter
+
+    on_compile(root)
     return merge(root) if spec.merge else root
 
 
@@ -98,6 +101,9 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
             merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
     new = _unwrap_adapted_layers(new)
     new.__dict__.pop("_adaptc", None)  # a plain model: it can be compiled again
+    from adaptc.integrations.transformers import on_merge  # it saves in full again
+
+    on_merge(new)
     return new
 
 
