@@ -8,6 +8,7 @@ merging never accumulates edits. New nodes are tagged in ``node.meta["adaptc"]``
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -88,8 +89,36 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
             current = out
             sites += 1
     graph.lint()
-    gm.graph = graph  # the setter recompiles
+    set_graph(gm, graph)
     return sites
+
+
+# graph module -> {forward code: the class that carries it}; see set_graph
+_CLASSES: weakref.WeakKeyDictionary[fx.GraphModule, dict[str, type[fx.GraphModule]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def set_graph(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """Give ``gm`` a new graph, on a class that carries that graph's ``forward``.
+
+    fx keeps the generated ``forward`` on a class of the instance's own, and torch.compile
+    guards on that class, not on its ``forward``: rewriting the code in place would let a
+    compiled model keep running the old graph after switching adapters. So each distinct
+    code gets its own class (per instance, outside the module so pickling is unaffected);
+    switching back reuses the earlier class, and with it dynamo's cached compilation.
+    """
+    code = graph.python_code(root_module="self").src
+    classes = _CLASSES.setdefault(gm, {})
+    cls = classes.get(code)
+    if cls is None:
+        old = type(gm)
+        base = next(t for t in old.__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+        cls = type("GraphModuleImpl", (base,), {"__module__": old.__module__})
+        cls.__name__ = old.__name__  # the traced class's name, which GraphModule gave it
+        classes[code] = cls
+    gm.__class__ = cls
+    gm.graph = graph  # the setter recompiles: forward is (re)installed on ``cls``
 
 
 def _outside(nodes: set[fx.Node]) -> Callable[[fx.Node], bool]:
@@ -110,7 +139,7 @@ def merge_graph(gm: fx.GraphModule, adapters: Sequence[str], *, safe: bool = Tru
         if id(layer) not in merged:
             merged[id(layer)] = merged_layer(layer, adapters, safe=safe)
         gm.set_submodule(str(node.target), merged[id(layer)])
-    gm.graph = graph  # the setter recompiles
+    set_graph(gm, graph)
 
 
 def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn.Module:

@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
@@ -81,6 +82,8 @@ def frontier(
                 for name, child in module._modules.items():
                     if child is not None and holds_target(child):
                         module._modules[name] = visit(child)
+                if hasattr(module, "gradient_checkpointing"):
+                    module.register_forward_pre_hook(_checkpointed_input_requires_grad)
                 result = module
         done[id(module)] = result
         return result
@@ -88,9 +91,35 @@ def frontier(
     return visit(root) if holds_target(root) else root
 
 
+def _checkpointed_input_requires_grad(module: nn.Module, args: tuple[Any, ...]) -> Any:
+    """Let gradients reach the adapters inside a block that checkpoints itself.
+
+    Reentrant checkpointing (``use_reentrant=True``) gives a block's output a gradient only
+    when one of its inputs requires grad; with frozen input embeddings none does, so the
+    adapters in the block get no gradient ("element 0 of tensors does not require grad").
+    PEFT makes the embeddings' output require grad; here each adapted block that
+    checkpoints makes its hidden-state input a leaf that requires grad, whichever way
+    checkpointing was enabled (before or after compiling). The caller's tensor is not
+    changed (a detached view is used).
+    """
+    if not (getattr(module, "gradient_checkpointing", False) and module.training):
+        return None
+    x = args[0] if args else None
+    if (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and not x.requires_grad
+        and torch.is_grad_enabled()
+    ):
+        return (x.detach().requires_grad_(), *args[1:])
+    return None
+
+
 def _try_trace(module: nn.Module, leaves: set[int]) -> fx.GraphModule | None:
     """A graph module for ``module``, or None when it cannot be traced faithfully."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _plain_signature(module):
+        return None
+    if hasattr(module, "gradient_checkpointing"):  # tracing would freeze (and drop) checkpointing
         return None
     was_training = module.training
     try:
