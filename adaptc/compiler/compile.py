@@ -22,7 +22,7 @@ from torch import nn
 from adaptc.compiler.clone import share_clone
 from adaptc.compiler.passes import insert_branches, merge_graph
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.compiler.trace import AdaptedLayer, frontier, is_adapted_graph
+from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
 from adaptc.layers import LoraBranch, rule_for
 from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, load_spec
@@ -101,6 +101,7 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
             merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
     new = _unwrap_adapted_layers(new)
     new.__dict__.pop("_adaptc", None)  # a plain model: it can be compiled again
+    drop_checkpoint_hooks(new)  # the base model did not have them
     from adaptc.integrations.transformers import on_merge  # it saves in full again
 
     on_merge(new)

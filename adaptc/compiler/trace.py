@@ -91,6 +91,14 @@ def frontier(
     return visit(root) if holds_target(root) else root
 
 
+def drop_checkpoint_hooks(model: nn.Module) -> None:
+    """Remove the compiler's checkpointing pre-hooks (a merged model has no adapter to feed)."""
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for key in [k for k, fn in hooks.items() if fn is _checkpointed_input_requires_grad]:
+            del hooks[key]
+
+
 def _checkpointed_input_requires_grad(module: nn.Module, args: tuple[Any, ...]) -> Any:
     """Let gradients reach the adapters inside a block that checkpoints itself.
 

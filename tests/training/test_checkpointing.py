@@ -153,3 +153,24 @@ def test_checkpointed_model_in_eval_and_no_grad_is_unchanged():
     with torch.no_grad():
         out = model(**inputs).logits  # llama has no dropout: train mode computes the same
     torch.testing.assert_close(out, expected)
+
+
+def test_merged_model_has_no_checkpointing_hooks():
+    from adaptc.compiler.trace import _checkpointed_input_requires_grad
+
+    model = tiny_hf("llama")
+    new = adaptc.compile(
+        model, {"version": 1, "adapters": {"default": {"targets": {"kind": "all-linear"}}}}
+    )
+    hooked = [
+        m
+        for m in new.modules()
+        if _checkpointed_input_requires_grad in m._forward_pre_hooks.values()
+    ]
+    assert hooked
+    merged = adaptc.merge(new)
+    assert not [
+        m
+        for m in merged.modules()
+        if _checkpointed_input_requires_grad in m._forward_pre_hooks.values()
+    ]
