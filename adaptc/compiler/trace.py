@@ -45,9 +45,9 @@ def is_adapted_graph(module: nn.Module) -> bool:
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaves: set[int]) -> None:
+    def __init__(self, leaves: set[int] | None = None) -> None:  # no args when unpickling
         super().__init__()
-        self.leaves = leaves
+        self.leaves = leaves or set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
@@ -169,6 +169,9 @@ def _parameters(cls: Any) -> tuple[inspect.Parameter, ...] | None:
 def _graph_module(
     module: nn.Module, graph: fx.Graph, class_name: str, cls: type[fx.GraphModule] = fx.GraphModule
 ) -> fx.GraphModule:
+    for node in graph.nodes:  # string annotations (`from __future__ import annotations`)
+        if isinstance(node.type, str):  # would break pickling of the generated code
+            node.type = None
     gm = cls(module, graph, class_name=class_name)
     # GraphModule copies only what the graph touches, and fills paths with plain Modules:
     # put back the real children (ModuleList stays a ModuleList) and everything else.

@@ -207,3 +207,16 @@ def test_deepcopy_of_compiled_model_runs():
     twin = copy.deepcopy(new)
     x = torch.randn(2, 12)
     torch.testing.assert_close(twin(x), new(x))
+
+
+def test_compiled_models_pickle_with_torch_save(tmp_path):
+    for model in (NestedMLP(), tiny_hf("llama")):
+        new = adaptc.compile(model, spec(names("fc1", "q_proj"), init="random")).eval()
+        torch.save(new, tmp_path / "m.pt")
+        again = torch.load(tmp_path / "m.pt", weights_only=False).eval()
+        x = torch.randn(2, 12) if isinstance(model, NestedMLP) else torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            a, b = new(x), again(x)
+        a = a if isinstance(a, torch.Tensor) else a.logits
+        b = b if isinstance(b, torch.Tensor) else b.logits
+        torch.testing.assert_close(b, a)
