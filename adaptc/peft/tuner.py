@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from adaptc.compiler import compile, disabled, merge, set_active
+from adaptc.compiler.adapters import delete_adapter as core_delete_adapter
 from adaptc.compiler.compile import compiled_info
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.io.keys import adapter_tensors
@@ -195,8 +196,8 @@ class LoraModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name} does not exist")
         if len(self.peft_config) == 1:
             raise ValueError("cannot delete the only adapter (use unload() for the base model)")
-        configs = {k: v for k, v in self.peft_config.items() if k != adapter_name}
-        self._rebuild([(self.model, n, n) for n in configs], configs)
+        core_delete_adapter(self.model, adapter_name)  # in place: other parameters stay
+        self.peft_config = {k: v for k, v in self.peft_config.items() if k != adapter_name}
 
     def _rebuild(
         self, parts: list[tuple[nn.Module, str, str]], configs: dict[str, LoraConfig]

@@ -413,3 +413,14 @@ def test_the_package_does_not_import_peft():
                 assert all(a.name.split(".")[0] != "peft" for a in node.names), file.name
             elif isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] != "peft", file.name
+
+
+def test_delete_adapter_keeps_the_other_adapters_parameters():
+    model = ap.get_peft_model(tiny_hf("opt"), ap.LoraConfig(target_modules=["q_proj"]))
+    model.add_adapter("other", ap.LoraConfig(target_modules=["v_proj"]))
+    kept = {n: p for n, p in model.named_parameters() if "lora_default" in n}
+    model.delete_adapter("other")
+    assert list(model.peft_config) == ["default"]
+    assert not any("lora_other" in n for n, _ in model.named_parameters())
+    after = {n: p for n, p in model.named_parameters() if "lora_default" in n}
+    assert kept.keys() == after.keys() and all(kept[n] is after[n] for n in kept)  # optimizer-safe
