@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adaptc.compiler.clone import share_clone
-from adaptc.compiler.passes import insert_branches, merge_graph
+from adaptc.compiler.passes import merge_graph
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
 from adaptc.layers import LoraBranch, rule_for
@@ -72,11 +72,8 @@ def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     _make_biases_trainable(new, plan)
     wrappers = _wrap_modules_to_save(new, plan)
     holders = _holders(new, targets)
-    root = frontier(new, lambda m: id(m) in holders, targets, wrappers)
     active = (next(iter(spec.adapters)),)
-    for module in root.modules():
-        if is_adapted_graph(module):
-            insert_branches(module, active)  # type: ignore[arg-type]
+    root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active)
     root.__dict__["_adaptc"] = Compiled(spec, plan, active)
     from adaptc.integrations.transformers import on_compile  # trainers save the adapter
 

@@ -31,11 +31,16 @@ def branches_of(layer: nn.Module, adapters: Sequence[str] | None = None) -> list
     return [found[a] for a in adapters if a in found]
 
 
-def target_nodes(gm: fx.GraphModule, graph: fx.Graph) -> Iterator[tuple[fx.Node, nn.Module]]:
-    """``call_module`` nodes of ``graph`` whose module carries LoRA branches."""
+def target_nodes(
+    lookup: fx.GraphModule | Callable[[str], nn.Module], graph: fx.Graph
+) -> Iterator[tuple[fx.Node, nn.Module]]:
+    """``call_module`` nodes of ``graph`` whose module carries LoRA branches.
+
+    ``lookup`` is the graph's module (or its ``get_submodule``)."""
+    get = lookup.get_submodule if isinstance(lookup, nn.Module) else lookup
     for node in list(graph.nodes):
         if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
+            module = get(str(node.target))
             if branches_of(module):
                 yield node, module
 
@@ -64,8 +69,17 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
     Returns the number of branch sites emitted (a layer called twice counts twice).
     """
     graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
+    sites = emit_branches(graph, gm.get_submodule, active)
+    set_graph(gm, graph)
+    return sites
+
+
+def emit_branches(
+    graph: fx.Graph, lookup: Callable[[str], nn.Module], active: Sequence[str]
+) -> int:
+    """Emit the branches of ``active`` adapters into ``graph`` (in place); lint it."""
     sites = 0
-    for node, layer in target_nodes(gm, graph):
+    for node, layer in target_nodes(lookup, graph):
         rule = rule_for(layer)
         assert rule is not None, f"no rule for {type(layer).__name__}"
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
@@ -89,7 +103,6 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
             current = out
             sites += 1
     graph.lint()
-    set_graph(gm, graph)
     return sites
 
 

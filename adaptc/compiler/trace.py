@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+
+from adaptc.compiler.passes import emit_branches
 
 __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
 
@@ -58,13 +60,14 @@ def frontier(
     holds_target: Callable[[nn.Module], bool],
     targets: set[int],
     opaque: set[int] = frozenset(),  # type: ignore[assignment]
+    active: Sequence[str] = (),
 ) -> nn.Module:
     """Replace the subtrees of ``root`` that hold targets with graph modules (in place).
 
     ``holds_target(m)`` says whether ``m`` is or contains a target; ``targets`` are the ids
     of the target layers, ``opaque`` those of other modules the tracer must not enter
-    (modules_to_save wrappers). Returns the new root, which is ``root`` itself unless the
-    whole model traced.
+    (modules_to_save wrappers). Each graph gets the branches of the ``active`` adapters.
+    Returns the new root, which is ``root`` itself unless the whole model traced.
     """
     leaves = targets | opaque
     done: dict[int, nn.Module] = {}
@@ -73,9 +76,9 @@ def frontier(
         if id(module) in done:  # a module shared by several parents is rewritten once
             return done[id(module)]
         if id(module) in targets:
-            result: nn.Module = _wrap_leaf(module)
+            result: nn.Module = _wrap_leaf(module, active)
         else:
-            traced = _try_trace(module, leaves)
+            traced = _try_trace(module, leaves, active)
             if traced is not None:
                 result = traced
             else:
@@ -123,7 +126,9 @@ def _checkpointed_input_requires_grad(module: nn.Module, args: tuple[Any, ...]) 
     return None
 
 
-def _try_trace(module: nn.Module, leaves: set[int]) -> fx.GraphModule | None:
+def _try_trace(
+    module: nn.Module, leaves: set[int], active: Sequence[str] = ()
+) -> fx.GraphModule | None:
     """A graph module for ``module``, or None when it cannot be traced faithfully."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _plain_signature(module):
         return None
@@ -141,7 +146,7 @@ def _try_trace(module: nn.Module, leaves: set[int]) -> fx.GraphModule | None:
         module.train(was_training)
     if _fingerprint(graphs[0]) != _fingerprint(graphs[1]):
         return None
-    return _graph_module(module, graphs[1], type(module).__name__)
+    return _graph_module(module, graphs[1], type(module).__name__, active=active)
 
 
 def _fingerprint(graph: fx.Graph) -> list[tuple[str, str, str, str]]:
@@ -167,11 +172,18 @@ def _parameters(cls: Any) -> tuple[inspect.Parameter, ...] | None:
 
 
 def _graph_module(
-    module: nn.Module, graph: fx.Graph, class_name: str, cls: type[fx.GraphModule] = fx.GraphModule
+    module: nn.Module,
+    graph: fx.Graph,
+    class_name: str,
+    cls: type[fx.GraphModule] = fx.GraphModule,
+    active: Sequence[str] = (),
 ) -> fx.GraphModule:
     for node in graph.nodes:  # string annotations (`from __future__ import annotations`)
         if isinstance(node.type, str):  # would break pickling of the generated code
             node.type = None
+    base = copy.deepcopy(graph)
+    if active:  # emit the branches before the module is built: its code is generated once
+        emit_branches(graph, module.get_submodule, active)
     gm = cls(module, graph, class_name=class_name)
     # GraphModule copies only what the graph touches, and fills paths with plain Modules:
     # put back the real children (ModuleList stays a ModuleList) and everything else.
@@ -190,18 +202,19 @@ def _graph_module(
     gm.train(module.training)
     # the graph without adapters, kept to re-emit branches (switching) and for merge;
     # GraphModule.meta survives deepcopy, unlike ad-hoc attributes
-    gm.meta["adaptc"] = {"base_graph": copy.deepcopy(graph), "source": type(module).__name__}
+    gm.meta["adaptc"] = {"base_graph": base, "source": type(module).__name__}
     return gm
 
 
-def _wrap_leaf(layer: nn.Module) -> fx.GraphModule:
+def _wrap_leaf(layer: nn.Module, active: Sequence[str] = ()) -> fx.GraphModule:
     holder = nn.Module()
     holder.base_layer = layer
     holder.train(layer.training)
     graph = fx.Graph()
     x = graph.placeholder(_first_arg_name(layer))
     graph.output(graph.call_module("base_layer", (x,)))
-    return _graph_module(holder, graph, f"Adapted{type(layer).__name__}", cls=AdaptedLayer)
+    name = f"Adapted{type(layer).__name__}"
+    return _graph_module(holder, graph, name, cls=AdaptedLayer, active=active)
 
 
 def _first_arg_name(layer: nn.Module) -> str:
