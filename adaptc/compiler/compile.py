@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adaptc.compiler.clone import share_clone
-from adaptc.compiler.passes import merge_graph
+from adaptc.compiler.passes import branches_of, merge_graph, merged_layer
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
 from adaptc.layers import LoraBranch, rule_for
@@ -94,7 +94,12 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
     names = adapters if adapters is not None else list(info.active)
     new = share_clone(model)
     for module in list(new.modules()):
-        if is_adapted_graph(module):
+        if isinstance(module, AdaptedLayer):  # unwrapped below: no graph to rebuild
+            layer = module._modules["base_layer"]
+            assert layer is not None
+            if branches_of(layer):
+                module._modules["base_layer"] = merged_layer(layer, names, safe=safe)
+        elif is_adapted_graph(module):
             merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
     new = _unwrap_adapted_layers(new)
     new.__dict__.pop("_adaptc", None)  # a plain model: it can be compiled again
