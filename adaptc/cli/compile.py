@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaptc.compiler.compile import compiled_info
     from adaptc.counting import trainable_line
     from adaptc.models import DTYPES, build_model, dtype_name, model_dtype, resolve_model
 
@@ -75,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
             model = build_model(
                 ref, task_type=spec.task_type, meta=False, dtype=dtype, progress=progress
             )
-            plan = adaptc.build_plan(model, spec)  # for the table; compile builds its own
             new = adaptc.compile(model, spec)
+            info = compiled_info(new)  # the plan compile followed (a merged model has none)
+            plan = info.plan if info is not None else adaptc.build_plan(model, spec)
             if args.out:
                 adaptc.save_adapter(new, args.out)
         except ValueError as exc:  # ModelError, CompileError, save errors: one line each
