@@ -11,8 +11,7 @@ from typing import Any
 
 import adaptc
 from adaptc.cli._common import DTYPE_NAMES, add_command, fail
-from adaptc.cli.plan import CACHE_HELP, REVISION_HELP, model_of
-from adaptc.spec import SpecError
+from adaptc.cli.plan import CACHE_HELP, REVISION_HELP, spec_and_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -53,14 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from adaptc.counting import trainable_line
     from adaptc.models import DTYPES, build_model, dtype_name, model_dtype, resolve_model
 
-    try:
-        spec = adaptc.load_spec(args.spec)
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    name, revision = model_of(spec, args.model, args.revision)
-    if name is None:
-        return fail("compile", f"give MODEL: {args.spec} has no base_model.name")
+    found = spec_and_model(args, "compile")
+    if isinstance(found, int):
+        return found
+    spec, name, revision = found
     if args.out and spec.merge:
         return fail(
             "compile",

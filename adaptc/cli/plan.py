@@ -66,14 +66,10 @@ def run(args: argparse.Namespace) -> int:
         training_memory,
     )
 
-    try:
-        spec = adaptc.load_spec(args.spec)
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    name, revision = model_of(spec, args.model, args.revision)
-    if name is None:
-        return fail("plan", f"give MODEL: {args.spec} has no base_model.name")
+    found = spec_and_model(args, "plan")
+    if isinstance(found, int):
+        return found
+    spec, name, revision = found
     try:
         ref = resolve_model(name, cache_dir=args.cache_dir, revision=revision)
         model = build_model(
@@ -106,6 +102,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(memory_table(memory, dtype))
     return 0
+
+
+def spec_and_model(args: argparse.Namespace, command: str) -> tuple[Spec, str, str | None] | int:
+    """The spec, MODEL and its revision; an exit code (errors printed) when one is missing."""
+    try:
+        spec = adaptc.load_spec(args.spec)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    name, revision = model_of(spec, args.model, args.revision)
+    if name is None:
+        return fail(command, f"give MODEL: {args.spec} has no base_model.name")
+    return spec, name, revision
 
 
 def model_of(spec: Spec, model: str | None, revision: str | None) -> tuple[str | None, str | None]:

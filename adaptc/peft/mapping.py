@@ -17,6 +17,7 @@ from torch import nn
 
 from adaptc.compiler import compile
 from adaptc.io import resolve_adapter_dir
+from adaptc.models import AUTO_CLASSES
 from adaptc.peft.config import LoraConfig
 from adaptc.peft.model import PeftModel
 from adaptc.peft.tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
@@ -131,30 +132,30 @@ class AutoPeftModel:
 
 
 class AutoPeftModelForCausalLM(AutoPeftModel):
-    _target_class = "AutoModelForCausalLM"
+    _target_class = AUTO_CLASSES["CAUSAL_LM"]
     _peft_model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING["CAUSAL_LM"]
 
 
 class AutoPeftModelForSeq2SeqLM(AutoPeftModel):
-    _target_class = "AutoModelForSeq2SeqLM"
+    _target_class = AUTO_CLASSES["SEQ_2_SEQ_LM"]
     _peft_model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING["SEQ_2_SEQ_LM"]
 
 
 class AutoPeftModelForSequenceClassification(AutoPeftModel):
-    _target_class = "AutoModelForSequenceClassification"
+    _target_class = AUTO_CLASSES["SEQ_CLS"]
     _peft_model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING["SEQ_CLS"]
 
 
 class AutoPeftModelForTokenClassification(AutoPeftModel):
-    _target_class = "AutoModelForTokenClassification"
+    _target_class = AUTO_CLASSES["TOKEN_CLS"]
     _peft_model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING["TOKEN_CLS"]
 
 
 class AutoPeftModelForQuestionAnswering(AutoPeftModel):
-    _target_class = "AutoModelForQuestionAnswering"
+    _target_class = AUTO_CLASSES["QUESTION_ANS"]
     _peft_model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING["QUESTION_ANS"]
 
 
 class AutoPeftModelForFeatureExtraction(AutoPeftModel):
-    _target_class = "AutoModel"
+    _target_class = AUTO_CLASSES["FEATURE_EXTRACTION"]
     _peft_model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING["FEATURE_EXTRACTION"]
