@@ -2,6 +2,7 @@
 
 from adaptc.compiler.adapters import add_adapter, delete_adapter
 from adaptc.compiler.compile import AdaptcWarning, Compiled, CompileError, compile, merge
+from adaptc.compiler.mixed import MixedBatchError, adapter_ids, adapter_names, mixed_batch
 from adaptc.compiler.passes import MergeError
 from adaptc.compiler.switch import active_adapters, disabled, set_active
 
@@ -10,11 +11,15 @@ __all__ = [
     "CompileError",
     "Compiled",
     "MergeError",
+    "MixedBatchError",
     "active_adapters",
+    "adapter_ids",
+    "adapter_names",
     "add_adapter",
     "compile",
     "delete_adapter",
     "disabled",
     "merge",
+    "mixed_batch",
     "set_active",
 ]

@@ -45,7 +45,7 @@ def target_nodes(
                 yield node, module
 
 
-def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
+def insert_branches(gm: fx.GraphModule, active: Sequence[str], *, mixed: bool = False) -> int:
     """Rebuild ``gm``'s graph from its base graph with the branches of ``active`` adapters.
 
     Before (a traced MLP whose ``fc`` is a target)::
@@ -66,16 +66,22 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str]) -> int:
             relu = torch.relu(add);  add = None
             return relu
 
-    Returns the number of branch sites emitted (a layer called twice counts twice).
+    With ``mixed``, each target call gets one node that adds every sample's own adapter
+    term instead (see :mod:`adaptc.compiler.mixed`). Returns the number of branch sites
+    emitted (a layer called twice counts twice).
     """
     graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
-    sites = emit_branches(graph, gm.get_submodule, active)
+    sites = emit_branches(graph, gm.get_submodule, active, mixed=mixed)
     set_graph(gm, graph)
     return sites
 
 
 def emit_branches(
-    graph: fx.Graph, lookup: Callable[[str], nn.Module], active: Sequence[str]
+    graph: fx.Graph,
+    lookup: Callable[[str], nn.Module],
+    active: Sequence[str],
+    *,
+    mixed: bool = False,
 ) -> int:
     """Emit the branches of ``active`` adapters into ``graph`` (in place); lint it."""
     sites = 0
@@ -85,6 +91,13 @@ def emit_branches(
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
         assert isinstance(x, fx.Node)
         current = node
+        if mixed:
+            from adaptc.compiler.mixed import emit_mixed
+
+            out = emit_mixed(graph, x, node, str(node.target), layer)
+            node.replace_all_uses_with(out, delete_user_cb=_outside({out}))
+            sites += 1
+            continue
         for branch in branches_of(layer, active):
             before = set(graph.nodes)
             out = rule.emit(

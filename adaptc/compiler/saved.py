@@ -28,6 +28,11 @@ class ModulesToSave(nn.Module):
         self.active_adapter: str | None = adapters[0] if adapters else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.__dict__.get("_adaptc_mixed")
+        if state is not None and state.ids is not None:  # a mixed batch (adaptc.mixed_batch)
+            from adaptc.compiler.mixed import mixed_saved_forward
+
+            return mixed_saved_forward(self, state, args, kwargs)
         return self.active_module(*args, **kwargs)
 
     @property

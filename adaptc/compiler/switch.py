@@ -49,11 +49,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         _apply(model, previous)
 
 
-def _apply(model: nn.Module, active: tuple[str, ...]) -> None:
+def _apply(model: nn.Module, active: tuple[str, ...], *, mixed: bool = False) -> None:
     for module in model.modules():
         if is_adapted_graph(module):
             assert isinstance(module, fx.GraphModule)
-            insert_branches(module, active)
+            insert_branches(module, active, mixed=mixed)
         elif isinstance(module, ModulesToSave):
             module.active_adapter = next((a for a in active if a in module.modules_to_save), None)
 

@@ -22,9 +22,9 @@ from adaptc.io import resolve_adapter_dir, save_adapter
 from adaptc.peft.config import LoraConfig, NotSupportedError
 from adaptc.peft.tuner import LoraModel, assemble, config_of, freeze, unsupported
 
-__all__ = ["PeftModel", "check_special"]
+__all__ = ["PeftModel", "check_special", "special_forward"]
 
-_SPECIAL_FORWARD_ARGS = {"adapter_names": "mixed-adapter batches", "alora_offsets": "aLoRA"}
+_SPECIAL_FORWARD_ARGS = {"alora_offsets": "aLoRA"}
 # from_pretrained keywords that change nothing offline (adaptc never downloads)
 _HUB_ONLY_KWARGS = frozenset({"token", "use_auth_token", "local_files_only"})
 
@@ -100,13 +100,13 @@ class PeftModel(nn.Module):
 
     # --- running -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        check_special(kwargs)
-        return self.get_base_model()(*args, **kwargs)
+        with special_forward(self.get_base_model(), kwargs, _first_input(args, kwargs)):
+            return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        check_special(kwargs)
         model: Any = self.get_base_model()
-        return model.generate(*args, **kwargs)
+        with special_forward(model, kwargs, _first_input(args, kwargs)):
+            return model.generate(*args, **kwargs)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -294,6 +294,41 @@ def _check_autocast(autocast_adapter_dtype: bool) -> None:
         raise unsupported(
             "autocast_adapter_dtype", False, " (adapters on a half-precision base are float32)"
         )
+
+
+@contextmanager
+def special_forward(model: nn.Module, kwargs: dict[str, Any], first: Any) -> Iterator[None]:
+    """PEFT's special forward arguments: ``adapter_names`` (a mixed-adapter batch, one name
+    per sample, ``"__base__"`` for the base model) runs inside ``adaptc.mixed_batch``; the
+    others are refused when set. ``kwargs`` loses them; ``first`` is the batch's first
+    input (its length must match ``adapter_names``)."""
+    names = kwargs.pop("adapter_names", None)
+    check_special(kwargs)
+    if names is None:
+        yield
+        return
+    if model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    from adaptc.compiler.mixed import BASE, adapter_names, mixed_batch
+
+    unknown = {n for n in names if n != BASE} - set(adapter_names(model))
+    if unknown:
+        raise ValueError(
+            f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}"
+        )
+    if first is not None and hasattr(first, "shape") and len(first) != len(names):
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(names)} and {len(first)} respectively."
+        )
+    with mixed_batch(model, list(names)):
+        yield
+
+
+def _first_input(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    return kwargs.get("input_ids", kwargs.get("inputs_embeds"))
 
 
 def check_special(kwargs: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptc.peft.model import PeftModel, check_special
+from adaptc.peft.model import PeftModel, special_forward
 from adaptc.peft.tuner import unsupported
 
 __all__ = [
@@ -26,9 +26,11 @@ def _call(model: PeftModel, arguments: dict[str, Any]) -> Any:
     arguments.pop("self")
     if arguments.pop("task_ids") is not None:
         raise unsupported("task_ids", "...", " (prompt learning only)")
-    check_special(kwargs)
     named = {k: v for k, v in arguments.items() if v is not None}
-    return model.get_base_model()(**named, **kwargs)
+    base = model.get_base_model()
+    first = named.get("input_ids", named.get("inputs_embeds"))
+    with special_forward(base, kwargs, first):
+        return base(**named, **kwargs)
 
 
 class PeftModelForCausalLM(PeftModel):

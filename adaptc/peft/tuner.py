@@ -95,7 +95,12 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = configs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        if "adapter_names" not in kwargs:
+            return self.model(*args, **kwargs)
+        from adaptc.peft.model import _first_input, special_forward
+
+        with special_forward(self.model, kwargs, _first_input(args, kwargs)):
+            return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -392,7 +392,6 @@ def test_adapters_added_after_moving_to_the_gpu_follow_the_model(tmp_path):
         (lambda m, d: _peft(m).save_pretrained(d, safe_serialization=False), "safe_serialization"),
         (lambda m, d: _peft(m).save_pretrained(d, save_embedding_layers=True), "save_embedding"),
         (lambda m, d: _peft(m).merge_adapter(), "merge_adapter"),
-        (lambda m, d: _peft(m)(**hf_inputs("opt"), adapter_names=["default"]), "adapter_names"),
     ],
 )
 def test_unsupported_method_arguments_are_refused_by_name(call, argument, tmp_path):
