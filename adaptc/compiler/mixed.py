@@ -251,53 +251,45 @@ def _dropout(x: torch.Tensor, p: torch.Tensor | None, training: bool) -> torch.T
 
 
 def _linear_stacks(layer: nn.Module, state: MixedState) -> tuple[Any, ...]:
-    """The adapters' factors, two ways: stacked by slot (zero-padded to the largest rank,
-    slot 0 the base) for the gathered ``bmm``, and concatenated along the rank with each
-    channel's slot and scale for the masked matmul."""
+    """The adapters' factors, two ways, with each adapter's scale folded into ``B``:
+    stacked by slot (zero-padded to the largest rank, slot 0 the base) for the gathered
+    ``bmm``, and concatenated along the rank with each channel's slot for the masked
+    matmul."""
     branches = _branches(layer, state)
     present = [b for b in branches if b is not None]
-    A0 = present[0].lora_A.weight
-    B0 = present[0].lora_B.weight
-    assert isinstance(A0, torch.Tensor) and isinstance(B0, torch.Tensor)
+    A0, B0 = _weight(present[0].lora_A), _weight(present[0].lora_B)
     r = max(int(_weight(b.lora_A).shape[0]) for b in present)
     in_f, out_f = A0.shape[1], B0.shape[0]
     zeros_a, zeros_b, zero_bias = A0.new_zeros(r, in_f), B0.new_zeros(out_f, r), B0.new_zeros(out_f)
-    As, Bs, biases, scales, ps = [zeros_a], [zeros_b], [zero_bias], [0.0], [0.0]
-    cat_a, cat_b, owner, chan_scale = [], [], [], []
+    As, Bs, biases, ps = [zeros_a], [zeros_b], [zero_bias], [0.0]
+    cat_a, cat_b, owner = [], [], []
     for slot, b in enumerate(branches, start=1):
         if b is None:
             As.append(zeros_a)
             Bs.append(zeros_b)
             biases.append(zero_bias)
-            scales.append(0.0)
             ps.append(0.0)
             continue
-        A, Bw = b.lora_A.weight, b.lora_B.weight
-        assert isinstance(A, torch.Tensor) and isinstance(Bw, torch.Tensor)
+        A, Bw = _weight(b.lora_A), _weight(b.lora_B) * b.scaling
         pad = r - A.shape[0]
         As.append(F.pad(A, (0, 0, 0, pad)) if pad else A)
         Bs.append(F.pad(Bw, (0, pad)) if pad else Bw)
         cat_a.append(A)
         cat_b.append(Bw)
         owner.extend([slot] * A.shape[0])
-        chan_scale.extend([float(b.scaling)] * A.shape[0])
         bias = b.lora_B.bias if b.lora_bias else None
-        biases.append(bias if isinstance(bias, torch.Tensor) else zero_bias)
-        scales.append(float(b.scaling))
+        biases.append(bias * b.scaling if isinstance(bias, torch.Tensor) else zero_bias)
         drop = b.lora_dropout
         ps.append(float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
     any_bias = any(b is not None and b.lora_bias for b in branches)
-    kw: dict[str, Any] = {"device": A0.device}
     return (
         torch.stack(As).mT.contiguous(),  # (n+1, in, r)
-        torch.stack(Bs).mT.contiguous(),  # (n+1, r, out)
-        torch.stack(biases) if any_bias else None,
-        torch.tensor(scales, dtype=A0.dtype, **kw),
-        torch.tensor(ps, **kw) if any(p > 0 for p in ps) else None,
+        torch.stack(Bs).mT.contiguous(),  # (n+1, r, out), scaled
+        torch.stack(biases) if any_bias else None,  # (n+1, out), scaled
+        torch.tensor(ps, device=A0.device) if any(p > 0 for p in ps) else None,
         torch.cat(cat_a).T.contiguous(),  # (in, Σr)
-        torch.cat(cat_b, dim=1).T.contiguous(),  # (Σr, out)
-        torch.tensor(owner, **kw),  # the slot of each of the Σr channels
-        torch.tensor(chan_scale, dtype=A0.dtype, **kw),
+        torch.cat(cat_b, dim=1).T.contiguous(),  # (Σr, out), scaled
+        torch.tensor(owner, device=A0.device),  # the slot of each of the Σr channels
     )
 
 
@@ -324,28 +316,31 @@ def mixed_linear(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> t
     to their own adapter's channels — two plain matmuls, no copies.
     """
     state, idx = _state(layer)
-    A, B, bias, scales, ps, cat_a, cat_b, owner, chan_scale = _cached(
+    A, B, bias, ps, cat_a, cat_b, owner = _cached(
         layer, state, _factors(layer, state), lambda: _linear_stacks(layer, state)
     )
     batch = idx.shape[0]
     _sample_rows(layer, x, batch)
     xs = x.reshape(batch, -1, x.shape[-1]).to(A.dtype)
     xs = _dropout(xs, ps[idx] if ps is not None else None, layer.training)
-    rank, total = A.shape[-1], cat_a.shape[-1]
-    if xs.shape[1] * (total - rank) <= 4 * rank:  # few rows per sample
+    per, rank, total = xs.shape[1], A.shape[-1], cat_a.shape[-1]
+    fused = base_out.dtype == A.dtype  # the add goes into the second matmul
+    if per * (total - rank) <= 4 * rank:  # few rows per sample
         rows = xs.reshape(-1, xs.shape[-1])
-        row_idx = idx.repeat_interleave(xs.shape[1]) if xs.shape[1] > 1 else idx
-        mask = (owner.unsqueeze(0) == row_idx.unsqueeze(1)).to(rows.dtype) * chan_scale
-        h = ((rows @ cat_a) * mask) @ cat_b  # (rows, out)
+        row_idx = idx.repeat_interleave(per) if per > 1 else idx
+        h = (rows @ cat_a) * (owner.unsqueeze(0) == row_idx.unsqueeze(1)).to(rows.dtype)
+        flat = base_out.reshape(-1, base_out.shape[-1])
+        out = torch.addmm(flat, h, cat_b) if fused else flat + h @ cat_b
         if bias is not None:
-            h = h + bias[row_idx] * scales[row_idx].unsqueeze(1)
+            out = out + bias[row_idx]
     else:
-        h = torch.bmm(torch.bmm(xs, A[idx]), B[idx])  # (batch, rows, out)
+        by_sample = base_out.reshape(batch, -1, base_out.shape[-1])
+        h = torch.bmm(xs, A[idx])  # (batch, rows, r)
+        out = torch.baddbmm(by_sample, h, B[idx]) if fused else by_sample + torch.bmm(h, B[idx])
         if bias is not None:
-            h = h + bias[idx].unsqueeze(1)
-        h = h * scales[idx].view(batch, 1, 1)
-    out: torch.Tensor = (base_out + h.reshape(base_out.shape)).to(base_out.dtype)
-    return out
+            out = out + bias[idx].unsqueeze(1)
+    result: torch.Tensor = out.reshape(base_out.shape).to(base_out.dtype)
+    return result
 
 
 def _embedding_stacks(layer: nn.Module, state: MixedState) -> tuple[Any, ...]:

@@ -145,6 +145,27 @@ class LoraModel(nn.Module):
             set_active(self.model, list(previous))
             self.__dict__["_enabled"] = True
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """PEFT's ``add_weighted_adapter`` (docs/combining.md): a new, inactive adapter."""
+        from adaptc.peft.combine import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank,
+            svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method,
+        )  # fmt: skip
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         with disabled(self.model):
