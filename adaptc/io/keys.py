@@ -33,7 +33,7 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
     info = _info(model)
     targets = {t.path for t in info.plan.targets if t.adapter == adapter}
     for branch in _branches(model, adapter):
-        for name, param in branch.named_parameters():
+        for name, param in branch.file_tensors():  # cut to the true rank when padded
             yield f"{PREFIX}{branch.target}.{name}", param
     settings = info.spec.adapters[adapter]
     if settings.bias != "none":

@@ -4,14 +4,25 @@ A branch owns the adapter's trainable tensors and nothing of the base layer. In 
 compiled model its parts are called from graph nodes (``lora_dropout``, ``lora_A``,
 ``lora_B``, then a multiply by ``scaling`` and an add), so graph passes can see and
 rewrite them; ``forward`` is the same maths for eager use and for tests.
+
+``scaling`` is a Python float, baked into the graph as a constant. A branch prepared for
+hotswapping (``adaptc.prepare_hotswap``) also holds it as a 0-d, non-persistent buffer
+:data:`SCALING_BUFFER`, which the graph reads instead (so a new value needs no new code),
+and may hold factors padded with zeros beyond its true rank ``r``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-__all__ = ["LoraBranch"]
+__all__ = ["RANK_DIMS", "SCALING_BUFFER", "LoraBranch"]
+
+SCALING_BUFFER = "scaling_tensor"
+# factor parameter -> the dimension that has the rank (padded factors are longer there)
+RANK_DIMS = {"lora_A.weight": 0, "lora_B.weight": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 
 
 class LoraBranch(nn.Module):
@@ -47,7 +58,26 @@ class LoraBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
-        return self.lora_B(self.lora_A(x)) * self.scaling  # type: ignore[no-any-return]
+        return self.lora_B(self.lora_A(x)) * self.scaling_operand  # type: ignore[no-any-return]
+
+    @property
+    def scaling_operand(self) -> torch.Tensor | float:
+        """What the forward multiplies by: the scaling buffer when prepared, else ``scaling``."""
+        tensor = self._buffers.get(SCALING_BUFFER)
+        return self.scaling if tensor is None else tensor
+
+    def file_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for what an adapter file holds: the parameters, each factor cut
+        to the true rank ``r`` (a view) when it is padded; nothing when ``r`` is 0 (a layer
+        the hotswapped adapter does not target)."""
+        if self.r == 0:
+            return
+        for name, param in self.named_parameters():
+            dim = RANK_DIMS.get(name)
+            if dim is not None and param.shape[dim] > self.r:
+                yield name, param.narrow(dim, 0, self.r)
+            else:
+                yield name, param
 
     def extra_repr(self) -> str:
         return (

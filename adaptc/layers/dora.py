@@ -47,7 +47,10 @@ __all__ = [
 
 
 def linear_weight_norm(
-    weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float, fan_in_fan_out: bool
+    weight: torch.Tensor,
+    lora_weight: torch.Tensor,
+    scaling: float | torch.Tensor,
+    fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """``‖W + s·ΔW‖`` per output feature: (out,). ``lora_weight`` is (out, in)."""
     w = transpose(weight, fan_in_fan_out) + scaling * lora_weight  # (out, in)
@@ -56,7 +59,7 @@ def linear_weight_norm(
 
 
 def conv_weight_norm(
-    weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float
+    weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float | torch.Tensor
 ) -> torch.Tensor:
     """``‖W + s·ΔW‖`` per output channel, shaped (1, out, 1, …) as PEFT keeps it."""
     w = weight + scaling * lora_weight  # (out, in/groups, *k)
@@ -101,7 +104,9 @@ class DoraLinearBranch(LoraBranch):
         eye = torch.eye(A.shape[1], device=A.device, dtype=A.dtype)
         lora_weight = self.lora_B(self.lora_A(eye)).T.to(x.dtype)  # (out, in), with B's bias
         weight = weight.to(x.dtype)
-        norm = linear_weight_norm(weight, lora_weight.detach(), self.scaling, self.fan_in_fan_out)
+        norm = linear_weight_norm(
+            weight, lora_weight.detach(), self.scaling_operand, self.fan_in_fan_out
+        )
         mag_norm_scale = (self.lora_magnitude_vector / norm.detach()).view(1, -1)
         lora_result = self.lora_B(self.lora_A(x))
         if base_result is None:
@@ -109,7 +114,7 @@ class DoraLinearBranch(LoraBranch):
         elif bias is not None:
             base_result = base_result - bias
         dora: torch.Tensor = (mag_norm_scale - 1) * base_result
-        dora = dora + mag_norm_scale * lora_result * self.scaling
+        dora = dora + mag_norm_scale * lora_result * self.scaling_operand
         return base_out + dora
 
 
@@ -146,7 +151,7 @@ class DoraConvBranch(LoraBranch):
         A, B = self.lora_A.weight, self.lora_B.weight
         assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
         lora_weight = conv_lora_weight(A, B, weight.shape)
-        norm = conv_weight_norm(weight, lora_weight.detach(), self.scaling)
+        norm = conv_weight_norm(weight, lora_weight.detach(), self.scaling_operand)
         mag_norm_scale = self.lora_magnitude_vector / norm.detach()  # (1, out, 1, …)
         if base_result is None:
             # PEFT passes the base weight as is, which fails on a half-precision base; cast it
@@ -157,7 +162,7 @@ class DoraConvBranch(LoraBranch):
             base_result = base_result - bias.view((1, -1) + (1,) * (base_result.dim() - 2))
         lora_result = self.lora_B(self.lora_A(x))
         dora: torch.Tensor = (mag_norm_scale - 1) * base_result
-        dora = dora + mag_norm_scale * lora_result * self.scaling
+        dora = dora + mag_norm_scale * lora_result * self.scaling_operand
         return base_out + dora
 
 
@@ -194,9 +199,9 @@ class DoraEmbeddingBranch(EmbeddingBranch):
             raise _missing(self.target)
         B = self.lora_embedding_B.T  # (r, embedding_dim)
         lora_weight = (self.lora_embedding_A.T @ B).T  # (embedding_dim, num_embeddings)
-        norm = linear_weight_norm(weight, lora_weight.detach(), self.scaling, True)
+        norm = linear_weight_norm(weight, lora_weight.detach(), self.scaling_operand, True)
         mag_norm_scale = self.lora_magnitude_vector / norm.detach()  # (embedding_dim,)
-        dora = mag_norm_scale * (self.embed(x) @ B) * self.scaling
+        dora = mag_norm_scale * (self.embed(x) @ B) * self.scaling_operand
         if embed_scale is not None:
             dora = dora * embed_scale
         return mag_norm_scale * base_out + dora

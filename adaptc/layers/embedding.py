@@ -84,7 +84,7 @@ class EmbeddingBranch(LoraBranch):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.embed(x) @ self.lora_embedding_B.T) * self.scaling  # (…, embedding_dim)
+        return (self.embed(x) @ self.lora_embedding_B.T) * self.scaling_operand  # (…, dim)
 
 
 def embed_scale(module: nn.Module) -> torch.Tensor | float | None:

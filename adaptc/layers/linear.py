@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
-from adaptc.layers.branch import LoraBranch
+from adaptc.layers.branch import SCALING_BUFFER, LoraBranch
 from adaptc.layers.init import init_factors
 
 __all__ = ["Conv1DRule", "LinearRule", "emit_linear_branch", "transpose"]
@@ -142,6 +142,9 @@ def emit_linear_branch(
             mul = fc_lora_default_lora_b * 2.0
             add = fc + mul;  fc = mul = None
             return add
+
+    A branch prepared for hotswapping multiplies by its scaling buffer instead of ``2.0``
+    (``fc_lora_default_scaling_tensor = self.fc.lora_default.scaling_tensor``).
     """
     base_weight = base.weight
     lora_weight = branch.lora_A.weight
@@ -155,7 +158,10 @@ def emit_linear_branch(
             h = graph.call_module(f"{branch_path}.lora_dropout", (h,))
         a = graph.call_module(f"{branch_path}.lora_A", (h,))
         b = graph.call_module(f"{branch_path}.lora_B", (a,))
-        scaled = graph.call_function(operator.mul, (b, branch.scaling))
+        scale: fx.Node | float = branch.scaling
+        if SCALING_BUFFER in branch._buffers:  # prepared for hotswapping: read, not baked
+            scale = graph.get_attr(f"{branch_path}.{SCALING_BUFFER}")
+        scaled = graph.call_function(operator.mul, (b, scale))
         out = graph.call_function(operator.add, (base_out, scaled))
         if cast:
             out = graph.call_method("to", (out, base_weight.dtype))

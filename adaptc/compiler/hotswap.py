@@ -1,0 +1,463 @@
+"""Hotswapping: new adapter weights, in place, into a model that ``torch.compile`` compiled.
+
+``prepare_hotswap`` (once, before ``torch.compile``) makes the generated code independent
+of the adapter's rank and scaling: it pads every factor of the chosen adapters with zeros
+to ``max_rank`` (``B·A`` is unchanged) and gives each branch its scaling as a 0-d,
+non-persistent buffer that the graph reads instead of a baked constant::
+
+    mul = fc_lora_default_lora_b * 2.0                           # before
+    fc_lora_default_scaling_tensor = self.fc.lora_default.scaling_tensor
+    mul = fc_lora_default_lora_b * fc_lora_default_scaling_tensor  # after
+
+``hotswap`` then copies a saved adapter into those tensors (zero-padding a smaller rank,
+zeroing the layers the new adapter does not target) and fills the scaling buffers: the
+code, the shapes and the parameter objects stay, so dynamo does not recompile. The
+recorded spec and plan become the new adapter's, and each branch keeps its true rank in
+``r``, so saving writes the new adapter's tensors at their true rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from adaptc.compiler.compile import Compiled, CompileError, compiled_info
+from adaptc.compiler.passes import insert_branches
+from adaptc.compiler.trace import is_adapted_graph
+from adaptc.io.keys import PREFIX, AdapterKeyError, adapter_tensors
+from adaptc.io.load import AdapterLoadError, _read_spec, _read_weights, resolve_adapter_dir
+from adaptc.layers import LoraBranch
+from adaptc.layers.branch import RANK_DIMS, SCALING_BUFFER
+from adaptc.layers.dora import DoraConvBranch
+from adaptc.plan.plan import PlannedTarget, _plan_target
+from adaptc.spec import LoraAdapter, Spec, SpecError, from_peft_config, load_spec
+
+__all__ = ["HotswapError", "hotswap", "is_prepared", "prepare_hotswap"]
+
+_PREPARE = "call adaptc.prepare_hotswap(model, max_rank=...) before torch.compile"
+
+
+class HotswapError(ValueError):
+    """The new adapter cannot replace the old one in place (one line, says what to do)."""
+
+
+def prepare_hotswap(
+    model: nn.Module, max_rank: int | None = None, adapters: list[str] | None = None
+) -> None:
+    """Make ``model`` (compiled by adaptc, not yet by torch) hotswappable without recompiling.
+
+    Pads the factors of every branch of ``adapters`` (default: all) with zeros to rank
+    ``max_rank`` (None: keep the ranks), turns their scalings into buffers the graphs read,
+    and regenerates the graphs. Outputs are unchanged; no state-dict key is added. In
+    place; create optimizers afterwards (padded factors are new parameters).
+    """
+    info = _info(model, "prepare_hotswap")
+    if _torch_compiled(model):
+        raise HotswapError(
+            "prepare_hotswap() must be called before torch.compile: it changes the generated code"
+        )
+    names = list(info.spec.adapters) if adapters is None else list(adapters)
+    _check_names(info, names)
+    if max_rank is not None and (isinstance(max_rank, bool) or max_rank < 1):
+        raise HotswapError(f"max_rank must be a positive integer, got {max_rank!r}")
+    branches = [b for b in _branches(model) if b.adapter in names]
+    if max_rank is not None:
+        for branch in branches:  # check all before padding any
+            rank = _padded_rank(branch)
+            if rank > max_rank:
+                raise HotswapError(
+                    f"adapter {branch.adapter!r}: {branch.target} already has rank {rank}, "
+                    f"more than max_rank={max_rank}"
+                )
+            groups = _groups(branch)
+            if rank < max_rank and groups > 1:
+                raise HotswapError(
+                    f"adapter {branch.adapter!r}: {branch.target} is a convolution with "
+                    f"groups={groups}; padding its rank for hotswapping is not supported"
+                )
+    with torch.no_grad():
+        for branch in branches:
+            if max_rank is not None:
+                _pad(branch, max_rank)
+            if SCALING_BUFFER not in branch._buffers:
+                branch.register_buffer(
+                    SCALING_BUFFER, _scaling_tensor(branch, branch.scaling), persistent=False
+                )
+    _regenerate(model, info.active)
+
+
+def is_prepared(model: nn.Module, adapter: str = "default") -> bool:
+    """Whether every branch of ``adapter`` reads its scaling from a buffer."""
+    branches = [b for b in _branches(model) if b.adapter == adapter]
+    return bool(branches) and all(SCALING_BUFFER in b._buffers for b in branches)
+
+
+def hotswap(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    adapter: str = "default",
+    *,
+    config: Spec | LoraAdapter | Mapping[str, Any] | None = None,
+) -> None:
+    """Replace adapter ``adapter`` of ``model`` with the one at ``source``, in place.
+
+    ``source`` is an adapter directory (adaptc's or peft's, as ``load_adapter`` reads) or a
+    hub id in the local cache, or a state dict in PEFT's keys with its ``config`` (a PEFT
+    ``adapter_config.json`` dict, a spec, or a ``LoraAdapter``). The new adapter may target
+    a subset of the old one's layers (the others get zero weights) and have another rank
+    (up to the prepared ``max_rank``) or scaling (if prepared). Nothing is written unless
+    every check passes. The model may be wrapped by ``torch.compile``.
+    """
+    model = getattr(model, "_orig_mod", model)
+    info = _info(model, "hotswap")
+    _check_names(info, [adapter])
+    where, settings, state = _read_source(source, adapter, config)
+    swaps, placeholders = _plan_swaps(model, info, adapter, settings, state, where)
+    with torch.no_grad():
+        for swap in swaps:
+            swap.apply()
+        for branch in placeholders:
+            _empty(model, branch)
+    spec = info.spec.model_dump(by_alias=True)
+    spec["adapters"] = {**info.spec.adapters, adapter: settings}
+    info.spec = Spec.model_validate(spec)
+    ours = [s.planned for s in swaps if s.planned is not None]  # in the model's order
+    old_targets = info.plan.targets
+    at = next((i for i, t in enumerate(old_targets) if t.adapter == adapter), len(old_targets))
+    others = [t for t in old_targets if t.adapter != adapter]
+    before = sum(1 for t in old_targets[:at] if t.adapter != adapter)
+    info.plan = replace(info.plan, targets=(*others[:before], *ours, *others[before:]))
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def _read_source(
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    adapter: str,
+    config: Spec | LoraAdapter | Mapping[str, Any] | None,
+) -> tuple[str, LoraAdapter, dict[str, torch.Tensor]]:
+    """(where it comes from, the new adapter's settings, its tensors by PEFT key)."""
+    if isinstance(source, Mapping):
+        if config is None:
+            raise HotswapError("hotswap() from a state dict needs its config= as well")
+        try:
+            settings = _settings_of(config, adapter)
+        except SpecError as exc:
+            raise HotswapError(f"invalid adapter config: {exc}") from None
+        state = dict(source)
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise HotswapError("the state dict must map PEFT keys to tensors")
+        return "the state dict", settings, state
+    if config is not None:
+        raise HotswapError("config= is only for a state dict; a directory has its own config")
+    directory = resolve_adapter_dir(source)
+    spec, folders = _read_spec(directory, adapter)
+    name = adapter if adapter in spec.adapters else None
+    if name is None and len(spec.adapters) == 1:
+        name = next(iter(spec.adapters))
+    if name is None:
+        raise AdapterLoadError(
+            f"{directory} holds adapters {', '.join(spec.adapters)}, not {adapter!r}"
+        )
+    path, state = _read_weights(folders[name])
+    return str(path), spec.adapters[name], state
+
+
+def _settings_of(config: Spec | LoraAdapter | Mapping[str, Any], adapter: str) -> LoraAdapter:
+    if isinstance(config, LoraAdapter):
+        return config
+    if isinstance(config, Mapping) and "peft_type" in config:
+        return from_peft_config(config, name=adapter).adapters[adapter]
+    spec = load_spec(config)
+    return spec.adapters[adapter] if adapter in spec.adapters else spec.adapter()
+
+
+# --- checking ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Swap:
+    """One tensor to overwrite, and (for a branch's first tensor) the branch's new settings."""
+
+    branch: LoraBranch | None  # None: not a LoRA tensor (a bias, a modules_to_save copy)
+    param: torch.Tensor
+    value: torch.Tensor
+    rank_dim: int | None
+    planned: PlannedTarget | None = None
+
+    def apply(self) -> None:
+        value = self.value.to(device=self.param.device, dtype=self.param.dtype)
+        if self.rank_dim is None:
+            self.param.copy_(value)
+        else:  # zero-padded beyond the new rank
+            self.param.zero_()
+            self.param.narrow(self.rank_dim, 0, value.shape[self.rank_dim]).copy_(value)
+        if self.branch is not None and self.planned is not None:
+            _set_settings(self.branch, self.planned)
+
+
+def _plan_swaps(
+    model: nn.Module,
+    info: Compiled,
+    adapter: str,
+    settings: LoraAdapter,
+    state: dict[str, torch.Tensor],
+    where: str,
+) -> tuple[list[_Swap], list[LoraBranch]]:
+    """Check the new adapter against the model; the writes to make and the layers it skips."""
+    old = info.spec.adapters[adapter]
+    for field in ("use_dora", "lora_bias", "lora_dropout"):
+        if getattr(old, field) != getattr(settings, field):
+            raise HotswapError(
+                f"adapter {adapter!r}: the new adapter has {field}={getattr(settings, field)!r}, "
+                f"the model {getattr(old, field)!r}; hotswapping cannot change it (load the "
+                "adapter with adaptc.load_adapter instead)"
+            )
+    branches = {b.target: b for b in _branches(model) if b.adapter == adapter}
+    layers = _layers(model, adapter)
+    factors = {
+        f"{PREFIX}{target}.{name}": (branch, param, RANK_DIMS.get(name))
+        for target, branch in branches.items()
+        for name, param in branch.named_parameters()
+    }
+    others = {k: t for k, t in adapter_tensors(model, adapter) if k not in factors}
+    known = set(factors) | set(others)
+    unexpected = sorted(set(state) - known)
+    if unexpected:
+        raise HotswapError(
+            f"{where} does not fit adapter {adapter!r} of the model: {len(unexpected)} unexpected "
+            f"key(s) (e.g. {', '.join(unexpected[:3])}); a hotswapped adapter may only target "
+            "layers the model's adapter targets"
+        )
+    missing = sorted(set(others) - set(state))
+    if missing:
+        raise HotswapError(
+            f"{where} lacks {len(missing)} tensor(s) adapter {adapter!r} has besides LoRA "
+            f"factors (e.g. {', '.join(missing[:3])}); biases and modules_to_save must match"
+        )
+    swaps: list[_Swap] = []
+    present: set[str] = set()
+    for key, (branch, param, dim) in factors.items():
+        if key not in state:
+            continue
+        present.add(branch.target)
+        swaps.append(_Swap(branch, param, state[key], dim))
+    for target in sorted(present):  # every factor of a targeted layer must be there
+        for key, (branch, _, _) in factors.items():
+            if branch.target == target and key not in state:
+                raise AdapterKeyError(f"{where}: {key} is missing ({target} has other tensors)")
+    if not present:
+        raise HotswapError(
+            f"{where} targets none of the layers of adapter {adapter!r} "
+            f"(e.g. {', '.join(list(branches)[:3])})"
+        )
+    first: dict[str, _Swap] = {}
+    for swap in swaps:
+        assert swap.branch is not None
+        _check_shape(swap, swap.branch, adapter, where)
+        first.setdefault(swap.branch.target, swap)
+    for target, swap in first.items():
+        assert swap.branch is not None
+        planned = _plan_target_of(layers[target], target, adapter, settings)
+        _check_rank_and_scaling(swap.branch, planned, swaps, where)
+        swap.planned = planned
+    for key, tensor in others.items():  # biases, modules_to_save copies, base embeddings
+        value = state[key]
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise AdapterKeyError(
+                f"{where}: {key} has shape {tuple(value.shape)}, the model {tuple(tensor.shape)}"
+            )
+        if ".base_layer." in key and ".lora_" not in key and not key.endswith(".bias"):
+            if not torch.equal(value.to(tensor), tensor):  # shared with the user's model
+                raise HotswapError(
+                    f"{where}: {key} is a base weight and differs from the model's; hotswapping "
+                    "never changes base weights (load the adapter with adaptc.load_adapter)"
+                )
+            continue
+        swaps.append(_Swap(None, tensor, value, None))
+    placeholders = [b for t, b in branches.items() if t not in present]
+    return swaps, placeholders
+
+
+def _check_shape(swap: _Swap, branch: LoraBranch, adapter: str, where: str) -> None:
+    have, new, dim = tuple(swap.param.shape), tuple(swap.value.shape), swap.rank_dim
+    grouped = _groups(branch) > 1  # a grouped convolution's rank cannot change (not padded)
+    fits = len(have) == len(new) and all(
+        h == n or (i == dim and n <= h and not grouped)
+        for i, (h, n) in enumerate(zip(have, new, strict=True))
+    )
+    if fits:
+        return
+    if dim is not None and len(have) == len(new) and grouped:
+        raise HotswapError(
+            f"adapter {adapter!r}: {branch.target} is a convolution with groups="
+            f"{_groups(branch)}; hotswapping cannot change its rank"
+        )
+    if dim is not None and len(have) == len(new) and new[dim] > have[dim]:
+        prepared = SCALING_BUFFER in branch._buffers
+        hint = (
+            f"the model was prepared for rank at most {have[dim]}: call prepare_hotswap with "
+            "a max_rank at least the largest rank you will swap in, before torch.compile"
+            if prepared
+            else f"the model's rank is {have[dim]}; {_PREPARE}"
+        )
+        raise HotswapError(
+            f"adapter {adapter!r}: the new adapter has rank {new[dim]} at {branch.target}; {hint}"
+        )
+    raise AdapterKeyError(f"{where}: a tensor of {branch.target} has shape {new}, not {have}")
+
+
+def _check_rank_and_scaling(
+    branch: LoraBranch, planned: PlannedTarget, swaps: list[_Swap], where: str
+) -> None:
+    for swap in swaps:
+        if swap.branch is branch and swap.rank_dim is not None:
+            rank = swap.value.shape[swap.rank_dim] * (_groups(branch) if swap.rank_dim else 1)
+            if rank != planned.r:
+                raise AdapterKeyError(
+                    f"{where}: the config gives {branch.target} rank {planned.r}, its tensors "
+                    f"have rank {rank}"
+                )
+    if SCALING_BUFFER in branch._buffers:
+        return
+    if not math.isclose(planned.scaling, branch.scaling, rel_tol=1e-12, abs_tol=0.0):
+        raise HotswapError(
+            f"adapter {branch.adapter!r}: the new adapter scales {branch.target} by "
+            f"{planned.scaling:g} (lora_alpha {planned.lora_alpha:g}, r {planned.r}), the model "
+            f"by {branch.scaling:g}, a constant in its generated code; {_PREPARE}"
+        )
+
+
+def _plan_target_of(
+    layer: nn.Module, target: str, adapter: str, settings: LoraAdapter
+) -> PlannedTarget:
+    from adaptc.layers import rule_for
+
+    rule = rule_for(layer)
+    assert rule is not None
+    return _plan_target(rule, layer, target, adapter, settings)
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def _set_settings(branch: LoraBranch, planned: PlannedTarget) -> None:
+    branch.r = planned.r
+    branch.lora_alpha = planned.lora_alpha
+    branch.scaling = planned.scaling
+    tensor = branch._buffers.get(SCALING_BUFFER)
+    if tensor is not None:
+        tensor.fill_(planned.scaling)
+
+
+def _empty(model: nn.Module, branch: LoraBranch) -> None:
+    """A layer the new adapter does not target: a zero update (rank 0, nothing saved)."""
+    for name, param in branch.named_parameters():
+        if name != "lora_magnitude_vector":
+            param.zero_()
+    if getattr(branch, "is_dora", False):  # m = ‖W‖: DoRA of a zero update is the identity
+        from adaptc.layers.dora import conv_weight_norm, linear_weight_norm
+
+        weight = _layers(model, branch.adapter)[branch.target].weight
+        magnitude = branch.lora_magnitude_vector
+        assert isinstance(weight, torch.Tensor) and isinstance(magnitude, torch.Tensor)
+        w = weight.to(magnitude.dtype)  # as the forward computes the norm
+        zero = torch.zeros_like(w)
+        if isinstance(branch, DoraConvBranch):
+            norm = conv_weight_norm(w, zero, 0.0)  # (1, out, 1, …)
+        else:  # (out,), the weight stored (in, out) for Conv1D and embeddings
+            norm = linear_weight_norm(w, zero.T if branch.fan_in_fan_out else zero, 0.0,
+                                      branch.fan_in_fan_out)  # fmt: skip
+        magnitude.copy_(norm.reshape(magnitude.shape))
+    branch.r = 0
+
+
+def _pad(branch: LoraBranch, rank: int) -> None:
+    """Replace each factor shorter than ``rank`` by a zero-padded copy (a new parameter)."""
+    for name, param in list(branch.named_parameters()):
+        dim = RANK_DIMS.get(name)
+        if dim is None or param.shape[dim] == rank:
+            continue
+        shape = list(param.shape)
+        shape[dim] = rank
+        padded = param.new_zeros(shape)
+        padded.narrow(dim, 0, param.shape[dim]).copy_(param)
+        owner_path, _, attr = name.rpartition(".")
+        owner = branch.get_submodule(owner_path) if owner_path else branch
+        owner._parameters[attr] = nn.Parameter(padded, requires_grad=param.requires_grad)
+        for size in (
+            ("out_features", "out_channels") if dim == 0 else ("in_features", "in_channels")
+        ):
+            if owner is not branch and hasattr(owner, size):
+                setattr(owner, size, rank)
+
+
+def _scaling_tensor(branch: LoraBranch, value: float) -> torch.Tensor:
+    like = next(iter(branch.parameters()))
+    dtype = like.dtype if like.dtype.is_floating_point else torch.float32
+    return torch.tensor(value, dtype=dtype, device=like.device)
+
+
+def _regenerate(model: nn.Module, active: tuple[str, ...]) -> None:
+    for module in model.modules():
+        if is_adapted_graph(module):
+            assert isinstance(module, fx.GraphModule)
+            insert_branches(module, active)
+
+
+# --- lookups ----------------------------------------------------------------------------
+
+
+def _info(model: nn.Module, what: str) -> Compiled:
+    info = compiled_info(model)
+    if info is None:
+        if _torch_compiled(model):
+            raise HotswapError(f"{what}() must be called before torch.compile: {_PREPARE}")
+        raise CompileError(f"{what}() takes a model returned by adaptc.compile()")
+    return info
+
+
+def _torch_compiled(model: nn.Module) -> bool:
+    return hasattr(model, "_orig_mod") or model.__dict__.get("_compiled_call_impl") is not None
+
+
+def _check_names(info: Compiled, names: list[str]) -> None:
+    for name in names:
+        if name not in info.spec.adapters:
+            raise CompileError(
+                f"the model has no adapter {name!r} (has: {', '.join(info.spec.adapters)})"
+            )
+
+
+def _branches(model: nn.Module) -> list[LoraBranch]:
+    return [m for m in model.modules() if isinstance(m, LoraBranch)]
+
+
+def _layers(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
+    """The layer carrying each branch of ``adapter``, by the branch's target path."""
+    out: dict[str, nn.Module] = {}
+    for module in model.modules():
+        child = module._modules.get(f"lora_{adapter}")
+        if isinstance(child, LoraBranch):
+            out.setdefault(child.target, module)
+    return out
+
+
+def _groups(branch: LoraBranch) -> int:
+    lora_B = branch._modules.get("lora_B")
+    return int(getattr(lora_B, "groups", 1)) if lora_B is not None else 1
+
+
+def _padded_rank(branch: LoraBranch) -> int:
+    for name, param in branch.named_parameters():
+        dim = RANK_DIMS.get(name)
+        if dim is not None:
+            return int(param.shape[dim])
+    return branch.r
