@@ -55,13 +55,13 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str], *, mixed: bool = 
             relu = torch.relu(fc);  fc = None
             return relu
 
-    After, with adapter ``default`` (r 8, lora_alpha 16)::
+    After, with adapter ``default`` (r 8, lora_alpha 12)::
 
         def forward(self, x):
             fc = self.fc(x)
             fc_lora_default_lora_a = self.fc.lora_default.lora_A(x);  x = None
             fc_lora_default_lora_b = self.fc.lora_default.lora_B(fc_lora_default_lora_a)
-            mul = fc_lora_default_lora_b * 2.0
+            mul = fc_lora_default_lora_b * 1.5
             add = fc + mul;  fc = mul = None
             relu = torch.relu(add);  add = None
             return relu
