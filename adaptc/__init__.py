@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from adaptc.compiler import (
         AdaptcWarning,
         CompileError,
-        HotswapError,
         MergeError,
         MixedBatchError,
         active_adapters,
@@ -27,12 +26,11 @@ if TYPE_CHECKING:
         compile,
         delete_adapter,
         disabled,
-        hotswap,
         merge,
         mixed_batch,
-        prepare_hotswap,
         set_active,
     )
+    from adaptc.compiler.hotswap import HotswapError, hotswap, prepare_hotswap
     from adaptc.counting import print_trainable_parameters, trainable_parameters
     from adaptc.io import AdapterLoadError, load_adapter, save_adapter
     from adaptc.plan.plan import Plan, build_plan
@@ -44,9 +42,9 @@ _LAZY = {
     "layers": "adaptc.layers",
     "AdaptcWarning": "adaptc.compiler",
     "CompileError": "adaptc.compiler",
-    "HotswapError": "adaptc.compiler",
-    "hotswap": "adaptc.compiler",
-    "prepare_hotswap": "adaptc.compiler",
+    "HotswapError": "adaptc.compiler.hotswap",
+    "hotswap": "adaptc.compiler.hotswap",
+    "prepare_hotswap": "adaptc.compiler.hotswap",
     "MergeError": "adaptc.compiler",
     "MixedBatchError": "adaptc.compiler",
     "adapter_ids": "adaptc.compiler",

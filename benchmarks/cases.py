@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,7 +126,15 @@ def peft_config(dropout: float = 0.0, r: int = 16) -> Any:
 
 def base_model(s: Settings) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**s.llama))
+    if s.device == "cpu":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**s.llama))
+    else:  # initialise on the accelerator: a 1B model's init on 2 CPU threads takes long
+        try:
+            with torch.device(s.device):
+                model = tf.LlamaForCausalLM(tf.LlamaConfig(**s.llama))
+        except Exception as exc:
+            print(f"building on {s.device} failed ({exc!r}); building on the CPU", file=sys.stderr)
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**s.llama))
     return model.to(device=s.device, dtype=s.dtype).eval()
 
 
@@ -248,7 +257,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from cases import Settings, pair, inputs
     torch.set_num_threads(2)
-    s = Settings(hidden=int(sys.argv[3]), layers=int(sys.argv[4]))
+    device, dtype = sys.argv[5], getattr(torch, sys.argv[6])
+    s = Settings(hidden=int(sys.argv[3]), layers=int(sys.argv[4]), device=device, dtype=dtype)
     _, theirs, ours = pair(s)
     model = ours if sys.argv[1] == "adaptc" else theirs
     model.train()
@@ -258,13 +268,23 @@ _MEMORY_SCRIPT = textwrap.dedent(
     def status(key):
         with open("/proc/self/status") as fh:
             return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the peak (VmHWM) to the current size
-    before = status("VmRSS:")
+    if device == "cuda":  # the allocator's peak, from what is allocated now
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak (VmHWM) to the current size
+        before = status("VmRSS:")
     for _ in range(2):
         loss = model(**x, labels=x["input_ids"]).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    print(json.dumps({"peak": status("VmHWM:") - before}))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = status("VmHWM:")
+    print(json.dumps({"peak": peak - before}))
     """
 )
 
@@ -276,9 +296,12 @@ def train_memory(s: Settings) -> dict[str, Any]:
     peaks = {}
     for who in ("adaptc", "peft"):
         proc = subprocess.run(
-            [sys.executable, "-c", _MEMORY_SCRIPT, who, here, str(s.hidden), str(s.layers)],
-            capture_output=True, text=True, check=True, timeout=600,
+            [sys.executable, "-c", _MEMORY_SCRIPT, who, here, str(s.hidden), str(s.layers),
+             s.device, str(s.dtype).removeprefix("torch.")],
+            capture_output=True, text=True, timeout=600,
         )  # fmt: skip
+        if proc.returncode:
+            raise RuntimeError(f"memory run for {who} failed:\n{proc.stderr[-3000:]}")
         peaks[who] = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     ratio = peaks["adaptc"] / peaks["peft"] if peaks["peft"] else None
     return row(
@@ -309,18 +332,51 @@ def merge_time(s: Settings) -> dict[str, Any]:
     return row("merge", "s", t_ours, t_theirs, None, t_ours / t_theirs, "<=1.0")
 
 
-def all_cases(s: Settings) -> list[Callable[[], dict[str, Any]]]:
-    cases: list[Callable[[], dict[str, Any]]] = [
-        lambda: compile_meta(s, "7b"),
-        lambda: compile_meta(s, "70b"),
-        lambda: compile_real(s),
-        lambda: inference_overhead(s, 1),
-        lambda: inference_overhead(s, 128),
-        lambda: merged_inference(s),
-        lambda: train_step(s, 0.0),
-        lambda: train_step(s, 0.1),
-        lambda: train_memory(s),
-        lambda: compiled_inference(s),
-        lambda: merge_time(s),
+_MIXED: dict[tuple[Any, ...], Any] = {}
+
+
+def mixed_batch(s: Settings, seq: int) -> list[dict[str, Any]]:
+    """Two rows: a batch over 8 adapters vs PEFT's ``adapter_names`` (≥ 2× faster), and vs
+    the same batch on one adapter (≤ 1.3×). The models are built once for both lengths."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mixed_batch as mb
+
+    key = (s.device, s.dtype, s.hidden, s.layers)
+    if key not in _MIXED:
+        _MIXED.clear()
+        _MIXED[key] = mb.build(s.device, s.dtype, s.hidden, s.layers)
+    ours, theirs, names = _MIXED[key]
+    r = mb.measure(ours, theirs, names, seq, s.repeat, s.warmup, s.device)
+    if seq == 1:
+        _MIXED.clear()
+    mixed, single, peft_mixed = r["adaptc_mixed_s"], r["adaptc_single_s"], r["peft_mixed_s"]
+    return [
+        row(f"mixed-batch-seq{seq}", "s", mixed, peft_mixed, None, mixed / peft_mixed, "<=0.5"),
+        row(f"mixed-vs-single-seq{seq}", "s", mixed, None, single, mixed / single, "<=1.3"),
     ]
+
+
+Case = Callable[[], "dict[str, Any] | list[dict[str, Any]]"]
+
+
+def all_cases(s: Settings) -> list[tuple[str, Case]]:
+    """(name, case) pairs, so a caller can choose cases without running the others; a case
+    gives one row, or several (the mixed-batch cases give two)."""
+    cases: list[tuple[str, Case]] = [
+        ("compile-meta-7b", lambda: compile_meta(s, "7b")),
+        ("compile-meta-70b", lambda: compile_meta(s, "70b")),
+        ("compile-real-100m", lambda: compile_real(s)),
+        ("inference-overhead-seq1", lambda: inference_overhead(s, 1)),
+        ("inference-overhead-seq128", lambda: inference_overhead(s, 128)),
+        ("merged-inference-seq128", lambda: merged_inference(s)),
+        ("train-step-dropout0", lambda: train_step(s, 0.0)),
+        ("train-step-dropout0.1", lambda: train_step(s, 0.1)),
+        ("train-step-peak-memory", lambda: train_memory(s)),
+        ("torch-compile-inference-seq128", lambda: compiled_inference(s)),
+        ("merge", lambda: merge_time(s)),
+        ("mixed-batch-seq128", lambda: mixed_batch(s, 128)),
+        ("mixed-batch-seq1", lambda: mixed_batch(s, 1)),
+    ]
+    if s.device != "cpu":  # torch.compile's cold start is the slowest row there: run it last
+        cases.sort(key=lambda c: c[0].startswith("torch-compile"))
     return cases

@@ -1,21 +1,26 @@
 """``make bench``: adaptc against peft on the same work, side by side, in one run.
 
 Usage: python benchmarks/run.py [--quick] [--device cpu|cuda] [--dtype fp32|bf16]
-       [--only NAME...] [--results FILE] [--doc FILE] [--chart FILE]
+       [--only NAME...] [--skip NAME...] [--results FILE] [--doc FILE] [--chart FILE]
+       [--repeat N] [--warmup N] [--hidden N] [--layers N] [--keep-going]
 Writes ``benchmarks/results.json`` (a list of rows ``{name, unit, adaptc, peft, base,
 ratio, target, met}``), the table in ``docs/benchmarks.md`` (with the machine and the
 versions) and a chart of each ratio against its target (PNG). ``--quick`` uses fewer
-repetitions and gives the same rows.
+repetitions and gives the same rows. The files are rewritten after every row, so a run
+cut short still leaves the rows it finished. ``--keep-going`` records a failing row
+(``error``) and goes on to the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -37,49 +42,93 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--only", nargs="*", help="run only rows whose name starts with these")
+    parser.add_argument("--skip", nargs="*", help="skip rows whose name starts with these")
     parser.add_argument("--results", default=str(HERE / "results.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"))
+    parser.add_argument("--repeat", type=int, help="timed repetitions (default 10, quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed runs first (default 2, quick 1)")
+    parser.add_argument("--hidden", type=int, help="model width (cpu 512, cuda 2048)")
+    parser.add_argument("--layers", type=int, help="model depth (cpu 6, cuda 16)")
+    parser.add_argument("--keep-going", action="store_true", help="record a failing row, go on")
     args = parser.parse_args()
     torch.set_num_threads(2)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    size = {"hidden": 2048, "layers": 16} if args.device == "cuda" else {}
+    size.update({k: getattr(args, k) for k in ("hidden", "layers") if getattr(args, k)})
     settings = Settings(
-        repeat=3 if args.quick else 10, warmup=1 if args.quick else 2, device=args.device,
-        dtype=dtype, **({"hidden": 2048, "layers": 16} if args.device == "cuda" else {}),
+        repeat=args.repeat or (3 if args.quick else 10),
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        device=args.device, dtype=dtype, **size,
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for case in all_cases(settings):
-        row = case()
-        if args.only and not any(row["name"].startswith(p) for p in args.only):
+    for name, case in all_cases(settings):
+        if args.only and not any(name.startswith(p) for p in args.only):
             continue
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        if args.skip and any(name.startswith(p) for p in args.skip):
+            continue
+        try:
+            produced = case()
+        except Exception as exc:
+            if not args.keep_going:
+                raise
+            traceback.print_exc()
+            produced = {"name": name, "unit": "", "adaptc": None, "peft": None, "base": None,
+                        "ratio": None, "target": "", "met": None,
+                        "error": f"{type(exc).__name__}: {exc}"[:500]}  # fmt: skip
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        for row in produced if isinstance(produced, list) else [produced]:  # a case: 1+ rows
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        write(rows, args, settings, time.perf_counter() - start)
     elapsed = time.perf_counter() - start
-    Path(args.results).write_text(json.dumps(rows, indent=2) + "\n")
-    Path(args.doc).write_text(markdown(rows, args, elapsed))
-    chart(rows, Path(args.chart))
+    write(rows, args, settings, elapsed)
     print(f"wrote {args.results}, {args.doc}, {args.chart} in {elapsed:.0f} s")
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: float) -> str:
+def write(
+    rows: list[dict[str, Any]], args: argparse.Namespace, s: Settings, elapsed: float
+) -> None:
+    Path(args.results).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(args.doc).write_text(markdown(rows, args, s, elapsed))
+    chart(rows, Path(args.chart))
+
+
+def markdown(
+    rows: list[dict[str, Any]], args: argparse.Namespace, s: Settings, elapsed: float
+) -> str:
     import peft
     import transformers
 
     import adaptc
 
+    command = "python benchmarks/run.py" + "".join(
+        f" --{k} {getattr(args, k)}"
+        for k in ("device", "dtype")
+        if getattr(args, k) != _DEFAULTS[k]
+    )
+    device = args.device
+    if args.device == "cuda" and torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name()}, CUDA {torch.version.cuda})"
     lines = [
         "# Benchmarks: adaptc against peft",
         "",
-        "Generated by `make bench` (`python benchmarks/run.py`); do not edit by hand.",
+        f"Generated by `{command}`; do not edit by hand."
+        if command != "python benchmarks/run.py"
+        else "Generated by `make bench` (`python benchmarks/run.py`); do not edit by hand.",
         "",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.device}, {args.dtype}, {torch.get_num_threads()} threads",
+        f"{device}, {args.dtype}, {torch.get_num_threads()} threads",
         f"- versions: adaptc {adaptc.__version__}, peft {peft.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}",
-        f"- model: Llama-style config (see `benchmarks/cases.py`), targets q/k/v/o + MLP, r 16; "
-        f"{'quick run' if args.quick else 'full run'}, {elapsed:.0f} s",
+        "- model: Llama-style config (see `benchmarks/cases.py`), targets q/k/v/o + MLP, r 16"
+        + ("" if _default_size(args, s) else f", hidden {s.hidden}, {s.layers} layers")
+        + f"; {'quick run' if args.quick else 'full run'}, {elapsed:.0f} s",
         "- ratio: adaptc / peft (overhead rows: adaptc's overhead over the base model / "
         "peft's); merged row: merged / base",
         "",
@@ -89,9 +138,19 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: floa
     for r in rows:
         cells = [_fmt(r.get(k)) for k in ("adaptc", "peft", "base", "ratio")]
         met = {True: "yes", False: "**no**", None: "—"}[r["met"]]
+        if "error" in r:
+            met = f"error: {r['error'].splitlines()[0][:120]}"
         lines.append(f"| {r['name']} | {r['unit']} | {' | '.join(cells)} | {r['target']} | {met} |")
-    lines += ["", "![ratios against their targets](benchmarks.png)", ""]
+    lines += ["", f"![ratios against their targets]({Path(args.chart).name})", ""]
     return "\n".join(lines)
+
+
+_DEFAULTS = {"device": "cpu", "dtype": "fp32"}
+
+
+def _default_size(args: argparse.Namespace, s: Settings) -> bool:
+    """The CPU run's model (whose doc line names no size)."""
+    return args.device == "cpu" and (s.hidden, s.layers) == (Settings.hidden, Settings.layers)
 
 
 def _fmt(x: Any) -> str:

@@ -3,7 +3,6 @@
 from adaptc.compiler.adapters import add_adapter, delete_adapter
 from adaptc.compiler.combine import COMBINATION_TYPES, combine_adapters
 from adaptc.compiler.compile import AdaptcWarning, Compiled, CompileError, compile, merge
-from adaptc.compiler.hotswap import HotswapError, hotswap, prepare_hotswap
 from adaptc.compiler.mixed import MixedBatchError, adapter_ids, adapter_names, mixed_batch
 from adaptc.compiler.passes import MergeError
 from adaptc.compiler.switch import active_adapters, disabled, set_active
@@ -13,7 +12,6 @@ __all__ = [
     "AdaptcWarning",
     "CompileError",
     "Compiled",
-    "HotswapError",
     "MergeError",
     "MixedBatchError",
     "active_adapters",
@@ -24,9 +22,7 @@ __all__ = [
     "compile",
     "delete_adapter",
     "disabled",
-    "hotswap",
     "merge",
     "mixed_batch",
-    "prepare_hotswap",
     "set_active",
 ]

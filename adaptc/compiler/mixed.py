@@ -53,8 +53,18 @@ class MixedState:
 
     adapters: tuple[str, ...]
     ids: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # ids + 1: slot 0 of every stack is the base (zeros)
+    # id(layer) -> its factor tensors (fixed while the block runs)
+    params: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     # id(layer) -> (key, stacked tensors); valid while the key (weights' versions) matches
     cache: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=dict)
+    # (id(layer), rows per sample) -> (channel owners, the masked matmul's mask for the ids)
+    masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def set_ids(self, ids: torch.Tensor | None) -> None:
+        self.ids = ids
+        self.slots = None if ids is None else ids + 1
+        self.masks.clear()
 
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:
@@ -95,14 +105,15 @@ def mixed_batch(model: nn.Module, ids: torch.Tensor | Sequence[str]) -> Iterator
     state: MixedState | None = info.__dict__.get("mixed")
     if state is not None:  # already mixed: only the ids change
         previous = state.ids
-        state.ids = id_tensor
+        state.set_ids(id_tensor)
         try:
             yield model
         finally:
-            state.ids = previous
+            state.set_ids(previous)
         return
     _check_supported(model)
-    state = MixedState(tuple(info.spec.adapters), id_tensor)
+    state = MixedState(tuple(info.spec.adapters))
+    state.set_ids(id_tensor)
     holders = _attach(model, state)
     info.__dict__["mixed"] = state
     from adaptc.compiler.switch import _apply
@@ -206,8 +217,8 @@ def emit_mixed(
 
 def _state(layer: nn.Module) -> tuple[MixedState, torch.Tensor]:
     state: MixedState = layer.__dict__[_STATE]
-    assert state.ids is not None
-    return state, state.ids + 1  # slot 0 is the base (zeros)
+    assert state.slots is not None
+    return state, state.slots
 
 
 def _branches(layer: nn.Module, state: MixedState) -> list[LoraBranch | None]:
@@ -226,19 +237,51 @@ def _sample_rows(layer: nn.Module, x: torch.Tensor, batch: int, min_dim: int = 2
     return int(x.shape[0]) // batch
 
 
-def _cached(layer: nn.Module, state: MixedState, tensors: list[torch.Tensor], build: Any) -> Any:
-    """``build()``, reused while ``tensors`` are unchanged and no gradient is wanted."""
+def _cached(layer: nn.Module, state: MixedState, build: Any) -> Any:
+    """``build()``, reused while the layer's factors are unchanged and no gradient is
+    wanted (keyed on their version counters: an optimizer step or a hotswap rebuilds)."""
+    params = state.params.get(id(layer))
+    if params is None:
+        params = state.params[id(layer)] = _factors(layer, state)
     if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        torch.is_grad_enabled() and any(t.requires_grad for t in params)
     ):
         return build()
-    key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    key = (params[0].data_ptr(), *(t._version for t in params))
     hit = state.cache.get(id(layer))
     if hit is not None and hit[0] == key:
         return hit[1]
     value = build()
     state.cache[id(layer)] = (key, value)
     return value
+
+
+def _masked(xs: torch.Tensor, per: int, rank: int, total: int, out_features: int) -> bool:
+    """Whether the masked matmul beats the gathered ``bmm``. On a CPU (compute-bound) it
+    does when a sample has few rows; on a GPU, while its extra work stays small (the
+    gathers' launches and copies cost more than a few GFLOP there)."""
+    if xs.is_cuda:
+        return xs.shape[0] * per * total * (xs.shape[-1] + out_features) <= 1 << 31
+    return per * (total - rank) <= 4 * rank
+
+
+def _mask(
+    layer: nn.Module,
+    state: MixedState,
+    owner: torch.Tensor,
+    row_idx: torch.Tensor,
+    per: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """1 where a channel belongs to the row's adapter; kept for the block's ids."""
+    if torch.compiler.is_compiling():
+        return (owner.unsqueeze(0) == row_idx.unsqueeze(1)).to(dtype)
+    hit = state.masks.get((id(layer), per))
+    if hit is not None and hit[0] is owner:
+        return hit[1]
+    mask = (owner.unsqueeze(0) == row_idx.unsqueeze(1)).to(dtype)
+    state.masks[(id(layer), per)] = (owner, mask)
+    return mask
 
 
 def _dropout(x: torch.Tensor, p: torch.Tensor | None, training: bool) -> torch.Tensor:
@@ -317,7 +360,7 @@ def mixed_linear(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> t
     """
     state, idx = _state(layer)
     A, B, bias, ps, cat_a, cat_b, owner = _cached(
-        layer, state, _factors(layer, state), lambda: _linear_stacks(layer, state)
+        layer, state, lambda: _linear_stacks(layer, state)
     )
     batch = idx.shape[0]
     _sample_rows(layer, x, batch)
@@ -325,10 +368,10 @@ def mixed_linear(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> t
     xs = _dropout(xs, ps[idx] if ps is not None else None, layer.training)
     per, rank, total = xs.shape[1], A.shape[-1], cat_a.shape[-1]
     fused = base_out.dtype == A.dtype  # the add goes into the second matmul
-    if per * (total - rank) <= 4 * rank:  # few rows per sample
+    if _masked(xs, per, rank, total, base_out.shape[-1]):
         rows = xs.reshape(-1, xs.shape[-1])
         row_idx = idx.repeat_interleave(per) if per > 1 else idx
-        h = (rows @ cat_a) * (owner.unsqueeze(0) == row_idx.unsqueeze(1)).to(rows.dtype)
+        h = (rows @ cat_a) * _mask(layer, state, owner, row_idx, per, rows.dtype)
         flat = base_out.reshape(-1, base_out.shape[-1])
         out = torch.addmm(flat, h, cat_b) if fused else flat + h @ cat_b
         if bias is not None:
@@ -379,7 +422,7 @@ def mixed_embedding(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -
 
     state, idx = _state(layer)
     table, B, scales, n_emb, padding_idx = _cached(
-        layer, state, _factors(layer, state), lambda: _embedding_stacks(layer, state)
+        layer, state, lambda: _embedding_stacks(layer, state)
     )
     batch = idx.shape[0]
     _sample_rows(layer, x, batch, min_dim=1)
@@ -432,9 +475,7 @@ def _conv_stacks(layer: nn.Module, state: MixedState) -> tuple[Any, ...]:
 def mixed_conv(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``base_out`` plus each sample's term, through all adapters' channels, masked."""
     state, idx = _state(layer)
-    A, B, owner, bias, ps, lora_A = _cached(
-        layer, state, _factors(layer, state), lambda: _conv_stacks(layer, state)
-    )
+    A, B, owner, bias, ps, lora_A = _cached(layer, state, lambda: _conv_stacks(layer, state))
     batch = idx.shape[0]
     if _sample_rows(layer, x, batch) != 1:
         raise MixedBatchError(
@@ -457,10 +498,10 @@ def mixed_saved_forward(module: nn.Module, state: MixedState, args: Any, kwargs:
     """A ``modules_to_save`` wrapper in a mixed batch: each sample group through its copy."""
     from adaptc.compiler.saved import ModulesToSave
 
-    assert isinstance(module, ModulesToSave) and state.ids is not None
+    assert isinstance(module, ModulesToSave) and state.slots is not None
     x = args[0] if args else next(iter(kwargs.values()))
     rest = args[1:]
-    idx = state.ids + 1
+    idx = state.slots
     per = _sample_rows(module, x, idx.shape[0], min_dim=1)
     rows = idx.repeat_interleave(per) if per > 1 else idx
     copies = module.modules_to_save

@@ -1,4 +1,5 @@
-"""``load_adapter``: a PEFT or adaptc adapter directory onto a base model (a new model)."""
+"""``load_adapter``: a PEFT or adaptc adapter directory onto a base model (a new model), or
+into a compiled model beside its adapters (in place)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,15 @@ def load_adapter(
     ``save_pretrained`` (``adapter_model.safetensors``, or a legacy ``adapter_model.bin``,
     read with ``torch.load(weights_only=True)``), or a hub id already in the local
     Hugging Face cache. Adapter weights are frozen unless ``trainable``.
+
+    When ``model`` was returned by ``adaptc.compile``, the adapter(s) are added to it in
+    place instead (inactive, nothing else recompiled, as ``adaptc.add_adapter``) and
+    ``model`` itself is returned; on an error nothing is left half-added.
     """
     directory = resolve_adapter_dir(source, cache_dir=cache_dir, revision=revision)
     spec, folders = _read_spec(directory, adapter_name)
+    if compiled_info(model) is not None:
+        return _load_into(model, directory, spec, folders, trainable)
     try:
         new = compile(model, spec)
     except CompileError as exc:
@@ -60,6 +67,33 @@ def load_adapter(
     info = compiled_info(new)
     assert info is not None
     return new
+
+
+def _load_into(
+    model: nn.Module, directory: Path, spec: Spec, folders: dict[str, Path], trainable: bool
+) -> nn.Module:
+    from adaptc.compiler.adapters import add_adapter, delete_adapter
+
+    try:
+        names = add_adapter(model, spec)
+    except CompileError as exc:
+        hint = " (pass adapter_name=)" if "already has adapter" in str(exc) else ""
+        raise AdapterLoadError(
+            f"the adapter at {directory} does not fit this model: {exc}{hint}"
+        ) from None
+    try:
+        with torch.no_grad():
+            for name, folder in folders.items():
+                _load_weights(model, name, folder)
+    except BaseException:
+        for name in names:
+            delete_adapter(model, name)
+        raise
+    for name in names:
+        for key, tensor in adapter_tensors(model, name):
+            if isinstance(tensor, nn.Parameter) and not _is_base_tensor(key):
+                tensor.requires_grad_(trainable)
+    return model
 
 
 def resolve_adapter_dir(
