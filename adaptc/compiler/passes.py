@@ -131,9 +131,16 @@ def set_graph(gm: fx.GraphModule, graph: fx.Graph) -> None:
     fx keeps the generated ``forward`` on a class of the instance's own, and torch.compile
     guards on that class, not on its ``forward``: rewriting the code in place would let a
     compiled model keep running the old graph after switching adapters. So each distinct
-    code gets its own class (per instance, outside the module so pickling is unaffected);
-    switching back reuses the earlier class, and with it dynamo's cached compilation.
+    code gets its own class; switching back reuses the earlier class, and with it
+    dynamo's cached compilation. The compiler's graph modules
+    (:class:`~adaptc.compiler.codecache.CachedGraphModule`) share those classes across
+    instances with identical graphs; any other graph module gets classes of its own.
     """
+    from adaptc.compiler.codecache import CachedGraphModule
+
+    if isinstance(gm, CachedGraphModule):
+        gm.graph = graph  # the setter recompiles: a cached class, or a fresh one
+        return
     code = graph.python_code(root_module="self").src
     classes = _CLASSES.setdefault(gm, {})
     cls = classes.get(code)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from adaptc.compiler.codecache import CachedGraphModule
 from adaptc.compiler.passes import emit_branches
 
 __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
@@ -28,7 +29,7 @@ __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
 _RESERVED = {"graph", "code", "training", "meta", "forward", "_graph", "_code"}
 
 
-class AdaptedLayer(fx.GraphModule):
+class AdaptedLayer(CachedGraphModule):
     """A single target layer in a graph of its own; attributes fall back to ``base_layer``."""
 
     def __getattr__(self, name: str) -> Any:
@@ -175,7 +176,7 @@ def _graph_module(
     module: nn.Module,
     graph: fx.Graph,
     class_name: str,
-    cls: type[fx.GraphModule] = fx.GraphModule,
+    cls: type[fx.GraphModule] = CachedGraphModule,
     active: Sequence[str] = (),
 ) -> fx.GraphModule:
     for node in graph.nodes:  # string annotations (`from __future__ import annotations`)

@@ -74,7 +74,8 @@ class LoraBranch(nn.Module):
             return
         for name, param in self.named_parameters():
             dim = RANK_DIMS.get(name)
-            if dim is not None and param.shape[dim] > self.r:
+            # (a ZeRO-3 partitioned parameter is empty here: it is never padded)
+            if dim is not None and param.dim() > dim and param.shape[dim] > self.r:
                 yield name, param.narrow(dim, 0, self.r)
             else:
                 yield name, param

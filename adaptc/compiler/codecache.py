@@ -1,0 +1,83 @@
+"""Generated code, shared: graph modules with the same graph share one class and ``forward``.
+
+``GraphModule.recompile`` generates Python source for the graph and ``exec``s it, once per
+instance and per edit. A 7B model has 224 targets whose graphs are identical in all but
+the instance (every ``q_proj`` wrapper, every MLP block), and switching adapters re-emits
+every graph. :class:`CachedGraphModule` keys the code on the graph's structure (each
+node's op, name, target, arguments and type) and reuses the class that already carries
+that code's ``forward``: compile, switch and merge pay for code generation once per
+distinct graph, not once per graph module.
+
+A class in the cache is never recompiled (a miss always gets a fresh class), so graph
+modules that share it cannot disturb each other. torch.compile guards on the class:
+distinct code means a distinct class, and switching back to a graph reuses its class and
+with it dynamo's cached compilation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+from torch.fx.graph import CodeGen
+
+__all__ = ["CachedGraphModule", "code_key"]
+
+_MAX = 4096  # distinct codes kept; beyond, the cache starts over
+# (base class, class name, code key) -> (the class carrying forward, its PythonCode)
+_CODE: dict[tuple[Any, ...], tuple[type[fx.GraphModule], Any]] = {}
+
+
+def code_key(graph: fx.Graph) -> tuple[Any, ...] | None:
+    """What the generated code depends on, or None when it cannot be keyed safely."""
+    if type(graph._codegen) is not CodeGen or getattr(graph, "_co_fields", None):
+        return None
+    key = []
+    for n in graph.nodes:
+        target = n.target if isinstance(n.target, str) else _hashable(n.target)
+        if target is None:
+            return None
+        key.append((n.op, n.name, target, str(n.args), str(n.kwargs), str(n.type)))
+    return tuple(key)
+
+
+def _hashable(target: Any) -> Any:
+    try:
+        hash(target)
+    except TypeError:
+        return None
+    return ("fn", target)
+
+
+def _base(cls: type) -> type:
+    return next(t for t in cls.__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+
+
+class CachedGraphModule(fx.GraphModule):
+    """A ``GraphModule`` whose ``recompile`` reuses the code of an identical graph."""
+
+    def recompile(self) -> Any:
+        from torch.fx.experimental import _config as fx_config
+
+        graph_key = None if fx_config.enrich_profiler_metadata else code_key(self._graph)
+        if graph_key is None:
+            return super().recompile()
+        base = _base(type(self))
+        key = (base, type(self).__name__, graph_key)
+        hit = _CODE.get(key)
+        if hit is not None:
+            cached_cls, python_code = hit
+            self._code = python_code.src
+            self._lineno_map = python_code._lineno_map
+            self._prologue_start = python_code._prologue_start
+            self.__class__ = cached_cls
+            return python_code
+        # a fresh class: the instance's own may be shared with others through the cache
+        fresh = type("GraphModuleImpl", (base,), {"__module__": type(self).__module__})
+        fresh.__name__ = type(self).__name__
+        self.__class__ = fresh
+        python_code = super().recompile()
+        if len(_CODE) >= _MAX:
+            _CODE.clear()
+        _CODE[key] = (fresh, python_code)
+        return python_code
