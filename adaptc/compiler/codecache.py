@@ -70,7 +70,7 @@ class CachedGraphModule(fx.GraphModule):
             self._code = python_code.src
             self._lineno_map = python_code._lineno_map
             self._prologue_start = python_code._prologue_start
-            self.__class__ = cached_cls
+            self.__class__ = cached_cls  # type: ignore[assignment]
             return python_code
         # a fresh class: the instance's own may be shared with others through the cache
         fresh = type("GraphModuleImpl", (base,), {"__module__": type(self).__module__})
