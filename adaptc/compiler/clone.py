@@ -52,7 +52,7 @@ class _Cloner:
         state = module.__dict__.copy()
         for key, value in state.items():
             if key.startswith("_") and isinstance(value, _HOOK_CONTAINERS):
-                state[key] = copy.copy(value)  # hooks, buffer sets: ours from now on
+                state[key] = value.copy()  # hooks, buffer sets: ours from now on
                 self.hook_dicts[id(value)] = state[key]
             elif _is_config(value):
                 state[key] = self.config(value)

@@ -52,6 +52,12 @@ class LinearRule(LayerRule):
             from adaptc.layers.dora import merge_dora
 
             return merge_dora(self, module, branch, weight)
+        A, B = branch.lora_A.weight, branch.lora_B.weight
+        assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+        if weight.dtype == A.dtype and not branch.lora_bias:  # W + s·B·A in one pass
+            if self.fan_in_fan_out(module, branch.fan_in_fan_out):
+                return Merged(torch.addmm(weight, A.T, B.T, alpha=branch.scaling))
+            return Merged(torch.addmm(weight, B, A, alpha=branch.scaling))
         return super().merge(module, branch, weight)
 
 
