@@ -131,6 +131,14 @@ def markdown(
         + f"; {'quick run' if args.quick else 'full run'}, {elapsed:.0f} s",
         "- ratio: adaptc / peft (overhead rows: adaptc's overhead over the base model / "
         "peft's); merged row: merged / base",
+        "- mixed rows: one batch of 8 samples, one per adapter (ranks 8 to 32, padded); "
+        "`mixed-batch`: adaptc's mixed batch / peft's `adapter_names`; `mixed-vs-single`: "
+        "the mixed batch / the same batch on one adapter (the base column)",
+        *(
+            ["- GPU figures (H200, bf16, Llama-1B shape): [benchmarks-cuda.md](benchmarks-cuda.md)"]
+            if args.device == "cpu" and (Path(args.doc).parent / "benchmarks-cuda.md").is_file()
+            else []
+        ),
         "",
         "| benchmark | unit | adaptc | peft | base | ratio | target | met |",
         "|---|---|---|---|---|---|---|---|",

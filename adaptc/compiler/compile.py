@@ -12,7 +12,10 @@ The pipeline is explicit and one-way::
 
 from __future__ import annotations
 
+import gc
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +61,25 @@ def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     Base weights are shared with ``model`` (new frozen ``Parameter`` objects over the same
     storage), adapter weights are new. The first adapter of the spec is active.
     """
+    with gc_paused():
+        return _compile(model, spec)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: building thousands of graph nodes would
+    otherwise trigger full collections over the whole model (a 7B compile took 0.12 s,
+    or 0.35 s when one struck). Nothing is collected less, only later."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     spec = load_spec(spec)
     _check_not_compiled(model, spec)
     try:
@@ -65,7 +87,7 @@ def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     except ValueError as exc:
         raise CompileError(str(exc)) from None
     for message in plan.warnings:
-        warnings.warn(message, AdaptcWarning, stacklevel=2)
+        warnings.warn(message, AdaptcWarning, stacklevel=3)
     new = share_clone(model)
     modules = dict(new.named_modules(remove_duplicate=False))
     targets = _attach_branches(modules, plan, spec)
@@ -88,6 +110,11 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
     The unmerged ``model`` (and the user's original) stay valid and unchanged. ``safe``
     checks that merged weights are finite and names the adapter and module when not.
     """
+    with gc_paused():
+        return _merge(model, adapters=adapters, safe=safe)
+
+
+def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Module:
     info = compiled_info(model)
     if info is None:
         raise CompileError("merge() takes a model returned by adaptc.compile()")

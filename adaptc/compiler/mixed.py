@@ -25,6 +25,7 @@ change (the cache is keyed on their version counters) and no gradient is wanted.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from adaptc.layers import LoraBranch
 __all__ = ["BASE", "MixedBatchError", "adapter_ids", "adapter_names", "mixed_batch"]
 
 BASE = "__base__"
+_VERSION = operator.attrgetter("_version")
 _STATE = "_adaptc_mixed"  # attribute (in __dict__) of each target layer and saved module
 
 
@@ -247,7 +249,7 @@ def _cached(layer: nn.Module, state: MixedState, build: Any) -> Any:
         torch.is_grad_enabled() and any(t.requires_grad for t in params)
     ):
         return build()
-    key = (params[0].data_ptr(), *(t._version for t in params))
+    key = (params[0].data_ptr(), *map(_VERSION, params))
     hit = state.cache.get(id(layer))
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -72,6 +72,7 @@ def frontier(
     """
     leaves = targets | opaque
     done: dict[int, nn.Module] = {}
+    traces: dict[tuple[Any, ...], fx.Graph | None] = {}  # structure -> a pristine graph
 
     def visit(module: nn.Module) -> nn.Module:
         if id(module) in done:  # a module shared by several parents is rewritten once
@@ -79,7 +80,7 @@ def frontier(
         if id(module) in targets:
             result: nn.Module = _wrap_leaf(module, active)
         else:
-            traced = _try_trace(module, leaves, active)
+            traced = _try_trace(module, leaves, active, traces)
             if traced is not None:
                 result = traced
             else:
@@ -128,13 +129,36 @@ def _checkpointed_input_requires_grad(module: nn.Module, args: tuple[Any, ...]) 
 
 
 def _try_trace(
-    module: nn.Module, leaves: set[int], active: Sequence[str] = ()
+    module: nn.Module,
+    leaves: set[int],
+    active: Sequence[str] = (),
+    traces: dict[tuple[Any, ...], fx.Graph | None] | None = None,
 ) -> fx.GraphModule | None:
-    """A graph module for ``module``, or None when it cannot be traced faithfully."""
+    """A graph module for ``module``, or None when it cannot be traced faithfully.
+
+    ``traces`` remembers the graph of each module *structure* (see :func:`_structure`):
+    the 32 identical MLP blocks of a 7B model are traced once, not 32 times.
+    """
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _plain_signature(module):
         return None
     if hasattr(module, "gradient_checkpointing"):  # tracing would freeze (and drop) checkpointing
         return None
+    key = _structure(module, leaves) if traces is not None else None
+    if traces is not None and key is not None and key in traces:
+        known = traces[key]
+        if known is None:
+            return None
+        return _graph_module(module, copy.deepcopy(known), type(module).__name__, active=active)
+    graph = _trace_both_modes(module, leaves)
+    if traces is not None and key is not None:
+        traces[key] = None if graph is None else copy.deepcopy(graph)
+    if graph is None:
+        return None
+    return _graph_module(module, graph, type(module).__name__, active=active)
+
+
+def _trace_both_modes(module: nn.Module, leaves: set[int]) -> fx.Graph | None:
+    """The eval-mode graph, when tracing works and both modes give the same graph."""
     was_training = module.training
     try:
         graphs = []
@@ -147,7 +171,57 @@ def _try_trace(
         module.train(was_training)
     if _fingerprint(graphs[0]) != _fingerprint(graphs[1]):
         return None
-    return _graph_module(module, graphs[1], type(module).__name__, active=active)
+    return graphs[1]
+
+
+# nn.Module's own bookkeeping: never part of what a forward computes (hooks are checked)
+_INTERNALS = frozenset(
+    {
+        "training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules",
+        "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook", "_forward_hooks",
+        "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+    }
+)  # fmt: skip
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _structure(module: nn.Module, leaves: set[int]) -> tuple[Any, ...] | None:
+    """A key under which two modules trace to the same graph, or None when unsure.
+
+    Same class, same mode, the same plain attribute values (other attributes: the same
+    objects, e.g. one shared config), the same parameter and buffer names, no hooks, and
+    children alike, recursively (targets and other leaves by position and class).
+    """
+    if any(getattr(module, h, None) for h in _HOOKS):
+        return None
+    attrs: list[tuple[Any, ...]] = []
+    for name, value in module.__dict__.items():
+        if name in _INTERNALS:
+            continue
+        if isinstance(value, _PLAIN):
+            attrs.append((name, type(value), value))
+        else:
+            attrs.append((name, id(value)))
+    children: list[tuple[Any, ...]] = []
+    for name, child in module._modules.items():
+        if child is None or id(child) in leaves:
+            children.append((name, type(child)))
+            continue
+        sub = _structure(child, leaves)
+        if sub is None:
+            return None
+        children.append((name, sub))
+    return (
+        type(module),
+        module.training,
+        tuple(attrs),
+        tuple(children),
+        tuple(module._parameters),
+        tuple(module._buffers),
+    )
 
 
 def _fingerprint(graph: fx.Graph) -> list[tuple[str, str, str, str]]:
