@@ -15,12 +15,20 @@ from typing import Any
 from torch import nn
 
 from adaptc.compiler import active_adapters, compile
-from adaptc.compiler.compile import compiled_info
+from adaptc.compiler.adapters import add_adapter as core_add_adapter
+from adaptc.compiler.compile import CompileError, compiled_info
 from adaptc.counting import print_trainable_parameters, trainable_parameters
 from adaptc.io import load_adapter as _load_adapter
 from adaptc.io import resolve_adapter_dir, save_adapter
 from adaptc.peft.config import LoraConfig, NotSupportedError
-from adaptc.peft.tuner import LoraModel, assemble, config_of, freeze, unsupported
+from adaptc.peft.tuner import (
+    LoraModel,
+    _adapter_parameters,
+    assemble,
+    config_of,
+    freeze,
+    unsupported,
+)
 
 __all__ = ["PeftModel", "check_special", "special_forward"]
 
@@ -133,11 +141,26 @@ class PeftModel(nn.Module):
     def add_adapter(
         self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False
     ) -> None:
-        """Add a new (inactive) adapter. The adapted model is rebuilt: its parameters are new
-        objects, so create optimizers after adding adapters."""
+        """Add a new (inactive) adapter, in place: existing parameters stay the same objects
+        (an optimizer keeps working). An adapter that changes what others share (a new
+        ``modules_to_save``, a bias mode, PiSSA/OLoRA) rebuilds the adapted model instead:
+        its parameters are then new objects."""
         if low_cpu_mem_usage:
             raise unsupported("low_cpu_mem_usage", True)
-        source = compile(self.base_model.__dict__["_original"], peft_config.to_spec(adapter_name))
+        if adapter_name in self.base_model.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        spec = peft_config.to_spec(adapter_name)
+        try:
+            core_add_adapter(self.base_model.model, spec)
+        except CompileError:
+            pass  # rebuilt below
+        else:
+            if peft_config.inference_mode:
+                for p in _adapter_parameters(self.base_model.model, adapter_name):
+                    p.requires_grad_(False)
+            self.base_model.peft_config[adapter_name] = peft_config
+            return
+        source = compile(self.base_model.__dict__["_original"], spec)
         if peft_config.inference_mode:
             freeze(source)
         self.base_model.add_compiled(source, {adapter_name: adapter_name})
