@@ -25,5 +25,5 @@ def test_add_adapter_keeps_existing_parameters_and_a_duplicate_is_peft_s_error()
     assert any(".lora_second." in n for n in after)
     model(input_ids=batch(2)).logits.sum().backward()
     optimizer.step()
-    with pytest.raises(ValueError, match="Adapter with name 'second' already exists."):
+    with pytest.raises(ValueError, match=r"^Adapter with name 'second' already exists\.$"):
         model.add_adapter("second", ap.LoraConfig(target_modules=TARGETS))
