@@ -25,3 +25,17 @@ def write(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch.compile state before and after the test, its warnings silenced."""
+    import warnings
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+    torch._dynamo.reset()

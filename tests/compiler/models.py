@@ -81,6 +81,18 @@ class ModeDependent(nn.Module):
         return y * 0.5 if self.training else y
 
 
+class ConvNet(nn.Module):
+    """A convolution and a linear head: conv LoRA next to linear LoRA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
 def tiny_hf(family: str) -> nn.Module:
     """A tiny randomly initialised transformers model of one family (no hub access)."""
     import transformers as tf

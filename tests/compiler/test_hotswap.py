@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -23,30 +22,14 @@ from adaptc.compiler.compile import compiled_info
 from adaptc.compiler.hotswap import HotswapError, hotswap, is_prepared, prepare_hotswap
 from adaptc.io import adapter_state_dict
 from adaptc.layers.branch import SCALING_BUFFER
-from tests.compiler.models import DummyModel, NestedMLP, hf_inputs, tiny_hf
+from tests.compiler.models import ConvNet, DummyModel, NestedMLP, hf_inputs, tiny_hf
 from tests.compiler.parity import output_tensor
 from tests.compiler.test_untouched import assert_same, snapshot
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 
 
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def spec(names: list[str], r: int, alpha: float, **fields: object) -> dict:

@@ -7,11 +7,10 @@ import copy
 import peft
 import pytest
 import torch
-from torch import nn
 
 import adaptc
 from adaptc.compiler.mixed import MixedBatchError, adapter_ids, adapter_names, mixed_batch
-from tests.compiler.models import tiny_hf
+from tests.compiler.models import ConvNet, tiny_hf
 from tests.compiler.parity import share_adapter_weights
 
 ALL_LINEAR = {"kind": "all-linear"}
@@ -252,16 +251,6 @@ def test_modules_to_save_run_per_sample():
         for name in ("a", "b"):
             model.classifier.modules_to_save[name].weight.normal_()
     assert_each_sample_alone(model, ["b", "a", "__base__"], inputs("bert", 3, 7))
-
-
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(x).mean((2, 3)))
 
 
 def test_convolutions_mix_too():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import peft
@@ -19,14 +18,7 @@ from adaptc.peft.hotswap import hotswap_adapter, prepare_model_for_compiled_hots
 from tests.compiler.models import hf_inputs, tiny_hf
 from tests.compiler.parity import output_tensor
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _save(base: nn.Module, directory: Path, seed: int, **kwargs: object) -> str:
