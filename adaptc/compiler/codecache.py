@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 from torch.fx.graph import CodeGen
 
 __all__ = ["CachedGraphModule", "code_key"]
@@ -77,6 +77,9 @@ class CachedGraphModule(fx.GraphModule):
         fresh.__name__ = type(self).__name__
         self.__class__ = fresh
         python_code = super().recompile()
+        # fx wraps each call in three frames that only rewrite an exception's message;
+        # a graph module called hundreds of times per step pays for them on every call
+        fresh.__call__ = nn.Module.__call__  # type: ignore[method-assign]
         if len(_CODE) >= _MAX:
             _CODE.clear()
         _CODE[key] = (fresh, python_code)
