@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adaptc.compiler import active_adapters, compile
@@ -29,6 +31,7 @@ from adaptc.peft.tuner import (
     freeze,
     unsupported,
 )
+from adaptc.spec import Spec
 
 __all__ = ["PeftModel", "check_special", "special_forward"]
 
@@ -178,10 +181,21 @@ class PeftModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Load a saved adapter under ``adapter_name`` (inactive; see :meth:`set_adapter`)."""
+        """Load a saved adapter under ``adapter_name`` (inactive; see :meth:`set_adapter`).
+
+        In place, as in PEFT: existing parameters stay the same objects. An adapter that
+        changes what others share (a new ``modules_to_save``, a bias mode) rebuilds the
+        adapted model instead."""
         _check_load_args(torch_device, autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping)
+        directory = _adapter_directory(model_id, kwargs)
+        if self._load_in_place(model_id, directory, adapter_name, is_trainable):
+            if not is_trainable:
+                self.eval()
+            return
         original = self.base_model.__dict__["_original"]
-        loaded = _load(original, model_id, adapter_name, is_trainable, kwargs)
+        loaded = _load_adapter(
+            original, directory, adapter_name=adapter_name, trainable=is_trainable
+        )
         info = compiled_info(loaded)
         assert info is not None
         if adapter_name in info.spec.adapters:
@@ -195,6 +209,39 @@ class PeftModel(nn.Module):
         self.base_model.add_compiled(loaded, renames)
         if not is_trainable:
             self.eval()
+
+    def _load_in_place(
+        self, model_id: Any, directory: Any, adapter_name: str, is_trainable: bool
+    ) -> bool:
+        """Add the saved adapter to the adapted model in place; False when it cannot be."""
+        from adaptc.compiler.adapters import delete_adapter as core_delete_adapter
+        from adaptc.io.load import _load_weights, _read_spec
+
+        if adapter_name in self.base_model.peft_config:
+            return False  # the rebuild says why
+        spec, folders = _read_spec(directory, adapter_name)
+        names = list(spec.adapters)
+        chosen = adapter_name if adapter_name in names else names[0]
+        if chosen != adapter_name and len(names) > 1:
+            raise ValueError(f"{model_id} holds adapters {', '.join(names)}, not {adapter_name!r}")
+        data = spec.model_dump(by_alias=True)
+        data["adapters"] = {adapter_name: data["adapters"][chosen]}
+        model = self.base_model.model
+        try:
+            core_add_adapter(model, Spec.model_validate(data))
+        except CompileError:
+            return False
+        try:
+            with torch.no_grad():
+                _load_weights(model, adapter_name, folders[chosen])
+        except BaseException:
+            core_delete_adapter(model, adapter_name)
+            raise
+        for p in _adapter_parameters(model, adapter_name):
+            p.requires_grad_(is_trainable)
+        config = config_of(model, adapter_name, inference_mode=not is_trainable)
+        self.base_model.peft_config[adapter_name] = config
+        return True
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -282,6 +329,12 @@ def _load(
     is_trainable: bool,
     kwargs: dict[str, Any],
 ) -> nn.Module:
+    directory = _adapter_directory(model_id, kwargs)
+    return _load_adapter(model, directory, adapter_name=adapter_name, trainable=is_trainable)
+
+
+def _adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Path:
+    """The adapter directory ``from_pretrained``/``load_adapter`` arguments name (offline)."""
     subfolder = kwargs.pop("subfolder", None)
     revision = kwargs.pop("revision", None)
     cache_dir = kwargs.pop("cache_dir", None)
@@ -292,9 +345,7 @@ def _load(
         key = sorted(kwargs)[0]
         raise unsupported(key, kwargs[key])
     directory = resolve_adapter_dir(model_id, cache_dir=cache_dir, revision=revision)
-    if subfolder:
-        directory = directory / subfolder
-    return _load_adapter(model, directory, adapter_name=adapter_name, trainable=is_trainable)
+    return directory / subfolder if subfolder else directory
 
 
 def _check_load_args(
