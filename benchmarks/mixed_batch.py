@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +33,13 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cases import Settings, median_time
+
 import adaptc
 from adaptc.compiler.mixed import mixed_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_ADAPTERS = 8
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], Any], repeat: int, warmup: int, device: str) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(
@@ -125,7 +106,8 @@ def measure(
     ids = torch.arange(N_ADAPTERS, device=device)
 
     def timed(model: Any, **kw: Any) -> float:
-        return median_time(lambda: model(input_ids=x, **kw), repeat, warmup, device)
+        settings = Settings(repeat=repeat, warmup=warmup, device=device)
+        return median_time(lambda: model(input_ids=x, **kw), settings)
 
     with torch.no_grad():
         adaptc.set_active(ours, [names[1]])
