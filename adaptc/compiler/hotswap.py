@@ -62,6 +62,10 @@ def prepare_hotswap(
         raise HotswapError(
             "prepare_hotswap() must be called before torch.compile: it changes the generated code"
         )
+    if info.__dict__.get("mixed") is not None:
+        raise HotswapError(
+            "prepare_hotswap() cannot run inside adaptc.mixed_batch(): call it before"
+        )
     names = list(info.spec.adapters) if adapters is None else list(adapters)
     _check_names(info, names)
     if max_rank is not None and (isinstance(max_rank, bool) or max_rank < 1):

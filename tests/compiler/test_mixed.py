@@ -332,3 +332,36 @@ def test_a_merged_model_cannot_mix():
     model = adaptc.compile(tiny_hf("llama"), three_adapters())
     with pytest.raises(adaptc.CompileError, match=r"expected a model returned by adaptc\.compile"):
         enter(adaptc.merge(model), ["a"])
+
+
+def test_prepare_hotswap_is_refused_inside_a_mixed_block():
+    model = adaptc.compile(tiny_hf("llama"), three_adapters())
+    with (
+        pytest.raises(adaptc.HotswapError, match=r"cannot run inside adaptc\.mixed_batch"),
+        mixed_batch(model, ["a"]),
+    ):
+        adaptc.prepare_hotswap(model, max_rank=8)
+
+
+def test_hotswapped_weights_reach_a_mixed_batch(tmp_path):
+    """The stacked factors are rebuilt when a hotswap writes new weights in place."""
+    base = tiny_hf("llama").eval()
+    model = adaptc.compile(base, three_adapters())
+    other = adaptc.compile(
+        base,
+        {
+            "version": 1,
+            "adapters": {"a": {"r": 8, "init": "random", "targets": ALL_LINEAR, "lora_alpha": 5}},
+        },
+    )
+    adaptc.save_adapter(other, tmp_path / "new")
+    adaptc.prepare_hotswap(model, max_rank=8)
+    kw = inputs("llama", 2, 4)
+    with torch.no_grad(), mixed_batch(model, ["a", "b"]):  # one block: the cache is stale
+        before = model(**kw).logits
+        adaptc.hotswap(model, tmp_path / "new", adapter="a")
+        after = model(**kw).logits
+    with torch.no_grad():
+        expected = other(**{k: v[:1] for k, v in kw.items()}).logits
+    assert not torch.allclose(before[:1], after[:1])
+    torch.testing.assert_close(after[:1], expected, **TOL)
