@@ -286,12 +286,29 @@ def _wrap_leaf(layer: nn.Module, active: Sequence[str] = ()) -> fx.GraphModule:
     holder.base_layer = layer
     holder.train(layer.training)
     graph = fx.Graph()
-    x = graph.placeholder(_first_arg_name(layer))
-    graph.output(graph.call_module("base_layer", (x,)))
+    inputs = [graph.placeholder(name, default_value=default) for name, default in _inputs(layer)]
+    graph.output(graph.call_module("base_layer", tuple(inputs)))
     name = f"Adapted{type(layer).__name__}"
     return _graph_module(holder, graph, name, cls=AdaptedLayer, active=active)
 
 
-def _first_arg_name(layer: nn.Module) -> str:
+_NO_DEFAULT = inspect.Signature.empty
+_SIMPLE = (type(None), bool, int, float, str)
+
+
+def _inputs(layer: nn.Module) -> list[tuple[str, Any]]:
+    """The wrapper's parameters: the layer's own where they are plain (a subclass such as
+    OPT's positional embedding takes more than one argument; the branch reads the first),
+    else one input."""
     params = _parameters(type(layer))  # type: ignore[arg-type]
-    return params[0].name if params else "input"
+    if not params:
+        return [("input", _NO_DEFAULT)]
+    first = (params[0].name, _NO_DEFAULT)
+    plain = all(
+        p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        and (p.default is _NO_DEFAULT or isinstance(p.default, _SIMPLE))
+        for p in params
+    )
+    if not plain or params[0].default is not _NO_DEFAULT:
+        return [first]
+    return [first, *((p.name, p.default) for p in params[1:])]

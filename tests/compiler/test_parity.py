@@ -258,3 +258,22 @@ def _compare_plain(peft_model, compiled, x):
     grads = adapter_grads(compiled)
     for key, expected in peft_grads(peft_model, grads).items():
         torch.testing.assert_close(grads[key], expected, rtol=1e-5, atol=1e-6, msg=str(key))
+
+
+def test_a_target_called_with_more_than_one_argument_matches_peft():
+    """OPT's positional embedding (an nn.Embedding subclass) is called with the attention
+    mask, the cache length and position ids; the wrapper passes them all on, and the
+    branch reads the first, as PEFT's layer does."""
+    model = tiny_hf("opt").eval()
+    spec = {
+        "version": 1,
+        "adapters": {
+            "default": {"r": 4, "targets": {"kind": "names", "names": ["embed_positions"]}}
+        },
+    }
+    peft_model, compiled = build_pair(model, spec)
+    x = hf_inputs("opt")
+    with torch.no_grad():
+        ours = output_tensor(compiled(**x))
+        theirs = output_tensor(peft_model(**x))
+    torch.testing.assert_close(ours, theirs, **TOL)
