@@ -33,10 +33,12 @@ class AdaptedLayer(CachedGraphModule):
     """A single target layer in a graph of its own; attributes fall back to ``base_layer``."""
 
     def __getattr__(self, name: str) -> Any:
+        modules = self.__dict__.get("_modules", {})
+        if name in modules:  # the forward reads self.base_layer on every call: no detour
+            return modules[name]
         try:
             return super().__getattr__(name)
         except AttributeError:
-            modules = self.__dict__.get("_modules", {})
             if "base_layer" in modules and name not in ("base_layer",):
                 return getattr(modules["base_layer"], name)
             raise
