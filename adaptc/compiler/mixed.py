@@ -501,7 +501,8 @@ def mixed_saved_forward(module: nn.Module, state: MixedState, args: Any, kwargs:
     from adaptc.compiler.saved import ModulesToSave
 
     assert isinstance(module, ModulesToSave) and state.slots is not None
-    x = args[0] if args else next(iter(kwargs.values()))
+    first = None if args else next(iter(kwargs))  # the input passed by keyword
+    x = args[0] if args else kwargs[first]
     rest = args[1:]
     idx = state.slots
     per = _sample_rows(module, x, idx.shape[0], min_dim=1)
@@ -513,7 +514,7 @@ def mixed_saved_forward(module: nn.Module, state: MixedState, args: Any, kwargs:
         target = copies[name] if name is not None and name in copies else module.original_module
         where = (rows == slot).nonzero().squeeze(1)
         part = x.index_select(0, where)
-        y = target(part, *rest, **kwargs) if args else target(**{**kwargs, _first(kwargs): part})
+        y = target(part, *rest, **kwargs) if args else target(**{**kwargs, first: part})
         if not isinstance(y, torch.Tensor):
             raise MixedBatchError(
                 f"modules_to_save {type(target).__name__}: mixed batches need a tensor output"
@@ -523,7 +524,3 @@ def mixed_saved_forward(module: nn.Module, state: MixedState, args: Any, kwargs:
         out = out.index_copy(0, where, y)
     assert out is not None
     return out
-
-
-def _first(kwargs: dict[str, Any]) -> str:
-    return next(iter(kwargs))

@@ -133,8 +133,8 @@ def _checkpointed_input_requires_grad(module: nn.Module, args: tuple[Any, ...]) 
 def _try_trace(
     module: nn.Module,
     leaves: set[int],
-    active: Sequence[str] = (),
-    traces: dict[tuple[Any, ...], fx.Graph | None] | None = None,
+    active: Sequence[str],
+    traces: dict[tuple[Any, ...], fx.Graph | None],
 ) -> fx.GraphModule | None:
     """A graph module for ``module``, or None when it cannot be traced faithfully.
 
@@ -145,15 +145,15 @@ def _try_trace(
         return None
     if hasattr(module, "gradient_checkpointing"):  # tracing would freeze (and drop) checkpointing
         return None
-    key = _structure(module, leaves) if traces is not None else None
-    if traces is not None and key is not None and key in traces:
-        known = traces[key]
-        if known is None:
-            return None
-        return _graph_module(module, copy.deepcopy(known), type(module).__name__, active=active)
-    graph = _trace_both_modes(module, leaves)
-    if traces is not None and key is not None:
-        traces[key] = None if graph is None else copy.deepcopy(graph)
+    key = _structure(module, leaves)
+    if key is not None and key in traces:
+        graph = traces[key]
+        if graph is not None:
+            graph = copy.deepcopy(graph)  # emitting branches edits it
+    else:
+        graph = _trace_both_modes(module, leaves)
+        if key is not None:
+            traces[key] = None if graph is None else copy.deepcopy(graph)
     if graph is None:
         return None
     return _graph_module(module, graph, type(module).__name__, active=active)

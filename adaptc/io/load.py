@@ -72,19 +72,29 @@ def load_adapter(
 def _load_into(
     model: nn.Module, directory: Path, spec: Spec, folders: dict[str, Path], trainable: bool
 ) -> nn.Module:
-    from adaptc.compiler.adapters import add_adapter, delete_adapter
-
     try:
-        names = add_adapter(model, spec)
+        add_loaded(model, spec, folders, trainable)
     except CompileError as exc:
         hint = " (pass adapter_name=)" if "already has adapter" in str(exc) else ""
         raise AdapterLoadError(
             f"the adapter at {directory} does not fit this model: {exc}{hint}"
         ) from None
+    return model
+
+
+def add_loaded(
+    model: nn.Module, spec: Spec, folders: dict[str, Path], trainable: bool
+) -> list[str]:
+    """Add the adapters of ``spec`` to the compiled ``model`` in place and load each one's
+    weights from its folder; returns their names. ``CompileError`` when they need a
+    recompile (``adaptc.add_adapter``'s rules); nothing is left half-added."""
+    from adaptc.compiler.adapters import add_adapter, delete_adapter
+
+    names = add_adapter(model, spec)
     try:
         with torch.no_grad():
-            for name, folder in folders.items():
-                _load_weights(model, name, folder)
+            for name in names:
+                _load_weights(model, name, folders[name])
     except BaseException:
         for name in names:
             delete_adapter(model, name)
@@ -93,7 +103,7 @@ def _load_into(
         for key, tensor in adapter_tensors(model, name):
             if isinstance(tensor, nn.Parameter) and not _is_base_tensor(key):
                 tensor.requires_grad_(trainable)
-    return model
+    return names
 
 
 def resolve_adapter_dir(

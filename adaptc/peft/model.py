@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from adaptc.compiler import active_adapters, compile
@@ -211,11 +210,10 @@ class PeftModel(nn.Module):
             self.eval()
 
     def _load_in_place(
-        self, model_id: Any, directory: Any, adapter_name: str, is_trainable: bool
+        self, model_id: Any, directory: Path, adapter_name: str, is_trainable: bool
     ) -> bool:
         """Add the saved adapter to the adapted model in place; False when it cannot be."""
-        from adaptc.compiler.adapters import delete_adapter as core_delete_adapter
-        from adaptc.io.load import _load_weights, _read_spec
+        from adaptc.io.load import _read_spec, add_loaded
 
         if adapter_name in self.base_model.peft_config:
             return False  # the rebuild says why
@@ -228,17 +226,11 @@ class PeftModel(nn.Module):
         data["adapters"] = {adapter_name: data["adapters"][chosen]}
         model = self.base_model.model
         try:
-            core_add_adapter(model, Spec.model_validate(data))
+            add_loaded(
+                model, Spec.model_validate(data), {adapter_name: folders[chosen]}, is_trainable
+            )
         except CompileError:
             return False
-        try:
-            with torch.no_grad():
-                _load_weights(model, adapter_name, folders[chosen])
-        except BaseException:
-            core_delete_adapter(model, adapter_name)
-            raise
-        for p in _adapter_parameters(model, adapter_name):
-            p.requires_grad_(is_trainable)
         config = config_of(model, adapter_name, inference_mode=not is_trainable)
         self.base_model.peft_config[adapter_name] = config
         return True
