@@ -1,12 +1,19 @@
-"""Atomic file writes: a temp file in the target's folder, then ``os.replace``."""
+"""Atomic writes: a temp file (or directory) beside the target, then ``os.replace``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "staged_dir", "staging_dir"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -26,3 +33,70 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# Run by a separate process: waits until its stdin closes (the writer finished, or died,
+# even by SIGKILL), then removes what the writer left half-done.
+_JANITOR = """
+import os, shutil, sys
+sys.stdin.buffer.read()
+staging, old, out = sys.argv[1:4]
+shutil.rmtree(staging, ignore_errors=True)
+if os.path.isdir(old):
+    if os.path.exists(out):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, out)
+"""
+
+
+def staging_dir(target: Path) -> Path:
+    """A new empty directory beside ``target`` (``.NAME.XXXXXXXX.partial``), with the mode a
+    plain ``mkdir`` gives (``tempfile.mkdtemp``'s 0o700 would become the output's mode)."""
+    parent = target.parent if str(target.parent) else Path()
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        staging = parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:  # pragma: no cover - 32 random bits
+            continue
+
+
+@contextmanager
+def staged_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Make the directory ``out`` appear whole or not at all.
+
+    Yields an empty staging directory beside ``out``; when the block succeeds it is renamed
+    to ``out`` (an existing ``out`` is replaced only with ``replace``). If the block fails,
+    the staging directory is removed; if the process is killed (SIGKILL included), a small
+    janitor process started here removes it, and puts back an ``out`` that was being
+    replaced. Nothing half-written is left beside ``out``.
+    """
+    target = Path(out)
+    staging = staging_dir(target)
+    old = staging.with_name(staging.name.removesuffix(".partial") + ".old")
+    janitor = subprocess.Popen(
+        [sys.executable, "-c", _JANITOR, str(staging), str(old), str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a kill of our process group leaves it running
+    )
+    try:
+        yield staging
+        if target.exists() or target.is_symlink():
+            if not replace:
+                raise FileExistsError(f"{target} exists; pass --force to replace it")
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)  # the whole directory appears at once
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        assert janitor.stdin is not None
+        janitor.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # it only removes files
+            janitor.wait(timeout=10)

@@ -5,9 +5,13 @@ A MODEL reference is one of:
 - a local Hugging Face model directory (``config.json`` plus ``model.safetensors``, or shards
   listed in ``model.safetensors.index.json``);
 - a ``config.json`` file alone (the architecture with random weights);
-- a hub id (``org/name``) that is already in the local Hugging Face cache — nothing is ever
-  downloaded;
+- a hub id (``org/name``), downloaded as transformers does: only ``config.json`` to plan on
+  the meta device, the weights when they are needed (cache, ``revision``, ``HF_TOKEN``,
+  ``HF_HUB_OFFLINE``: see :mod:`adaptc.hub`);
 - ``package.module:factory``: the module is imported and ``factory()`` returns the model.
+
+The model class comes from the checkpoint (``config.architectures``, e.g.
+``OPTForCausalLM``) unless the task asks for another head (:func:`model_class`).
 
 >>> ref = resolve_model("out/tiny-llama")                              # doctest: +SKIP
 >>> meta = build_model(ref, task_type="CAUSAL_LM", meta=True)          # no weight is read
@@ -32,6 +36,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from adaptc.compiler.compile import AdaptcWarning
+from adaptc.hub import CHECKPOINT_FILES, HubError, download_file, is_hub_id, snapshot
 from adaptc.plan.plan import Plan
 
 __all__ = [
@@ -42,7 +47,9 @@ __all__ = [
     "ModelError",
     "ModelRef",
     "build_model",
+    "checkpoint_dir",
     "dtype_name",
+    "model_class",
     "model_dtype",
     "resolve_model",
     "saved_task_type",
@@ -63,7 +70,6 @@ AUTO_CLASSES: dict[str | None, str] = {
 }
 
 _FACTORY = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*)$")
-_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
 
 class ModelError(ValueError):
@@ -76,8 +82,10 @@ class ModelRef:
 
     ref: str  # as the user wrote it
     kind: Literal["dir", "config", "hub", "factory"]
-    path: Path | None = None  # the model directory (dir, hub) or the config file (config)
+    path: Path | None = None  # the model directory (dir; hub: the snapshot) or the config file
     factory: Callable[[], Any] | None = None
+    revision: str | None = None  # hub only
+    cache_dir: str | None = None  # hub only
 
     def __str__(self) -> str:
         return self.ref
@@ -96,15 +104,39 @@ def resolve_model(
         if path.suffix.lower() != ".json":
             raise ModelError(
                 f"{ref} is a file, but not a {CONFIG_NAME}: give a model directory, "
-                "a config.json, a cached hub id or package.module:factory"
+                "a config.json, a hub id or package.module:factory"
             )
         return ModelRef(ref, "config", path)
     match = _FACTORY.match(ref)
     if match:
         return ModelRef(ref, "factory", factory=_import_factory(ref, **match.groupdict()))
-    if ref.startswith((".", "/", "~")) or ref.endswith(".json") or not _HUB_ID.match(ref):
+    if ref.startswith((".", "/", "~")) or ref.endswith(".json") or not is_hub_id(ref):
         raise ModelError(f"no such file or directory: {ref}")
-    return ModelRef(ref, "hub", _cached_snapshot(ref, cache_dir, revision))
+    cache = None if cache_dir is None else str(cache_dir)
+    try:  # the config alone: a plan on the meta device needs nothing more
+        config = download_file(ref, CONFIG_NAME, what="model", revision=revision, cache_dir=cache)
+    except HubError as exc:
+        raise ModelError(str(exc)) from None
+    return ModelRef(ref, "hub", config.parent, revision=revision, cache_dir=cache)
+
+
+def checkpoint_dir(ref: ModelRef) -> Path:
+    """The local directory of ``ref``'s safetensors checkpoint and the files beside it
+    (tokenizer, generation config); a hub id is downloaded (other weight formats are not)."""
+    if ref.kind == "dir" and ref.path is not None:
+        return ref.path
+    if ref.kind != "hub":
+        raise ModelError(f"{ref}: a checkpoint directory (safetensors) or a hub id is needed")
+    try:
+        return snapshot(
+            ref.ref,
+            what="model",
+            revision=ref.revision,
+            cache_dir=ref.cache_dir,
+            allow_patterns=CHECKPOINT_FILES,
+        )
+    except HubError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def build_model(
@@ -114,37 +146,43 @@ def build_model(
     meta: bool,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    config_overrides: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The model ``ref`` names, with the auto class of ``task_type``.
+    """The model ``ref`` names, of the class :func:`model_class` chooses for ``task_type``.
 
     With ``meta`` every tensor is on the meta device and no weight file is read (for plans
     and counts: a 70B architecture builds in a fraction of a second). Otherwise weights are
-    loaded with ``from_pretrained`` (a directory or a cached hub id) or initialised at random
-    (a ``config.json``). ``dtype`` defaults to the checkpoint's. Weights the checkpoint lacks
-    (a new task head) or holds in excess are reported as one ``AdaptcWarning`` each.
-    ``progress`` shows transformers' loading bar.
+    loaded with ``from_pretrained`` (a directory, or a hub id: transformers downloads what
+    it needs) or initialised at random (a ``config.json``). ``dtype`` defaults to the
+    checkpoint's. Weights the checkpoint lacks (a new task head) or holds in excess are
+    reported as one ``AdaptcWarning`` each. ``progress`` shows transformers' loading bar.
+    ``config_overrides`` change the config before building (e.g. ``num_labels``).
     """
     if ref.kind == "factory":
         return _call_factory(ref, meta=meta, dtype=dtype)
     assert ref.path is not None
     config = _read_config(ref)
-    auto = _auto_class(task_type)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    auto = model_class(ref, task_type, config=config)
     try:
         kwargs = {} if dtype is None else {"dtype": dtype}  # None: the config's dtype
         if meta:
             with torch.device("meta"):
-                return auto.from_config(config, **kwargs)  # type: ignore[no-any-return]
+                return _from_config(auto, config, kwargs)
         if ref.kind == "config":
-            return auto.from_config(config, **kwargs)  # type: ignore[no-any-return]
+            return _from_config(auto, config, kwargs)
+        source = ref.ref if ref.kind == "hub" else ref.path
+        hub = {"revision": ref.revision, "cache_dir": ref.cache_dir} if ref.kind == "hub" else {}
         with _transformers_output(progress):
             model, info = auto.from_pretrained(
-                ref.path, config=config, dtype=dtype or "auto", output_loading_info=True
+                source, config=config, dtype=dtype or "auto", output_loading_info=True, **hub
             )
     except ValueError as exc:  # an architecture this auto class does not build
         if "Unrecognized configuration class" in str(exc):
             task = f"task_type {task_type}" if task_type else "no task_type"
             raise ModelError(
-                f"{ref}: {auto.__name__} cannot build a {config.model_type!r} model "
+                f"{ref}: {_name(auto)} cannot build a {config.model_type!r} model "
                 f"({type(config).__name__}; the spec has {task}); choose a task_type that fits"
             ) from None
         raise ModelError(f"cannot load the model {ref}: {_first_line(exc)}") from None
@@ -162,6 +200,51 @@ def build_model(
     return model  # type: ignore[no-any-return]
 
 
+def model_class(ref: ModelRef, task_type: str | None, *, config: Any = None) -> Any:
+    """The transformers class that builds ``ref`` for ``task_type``: the checkpoint decides.
+
+    The class the checkpoint was saved from (``config.architectures[0]``, e.g.
+    ``OPTForCausalLM``) when no task_type is given or when its head is the task's; the
+    task's auto class otherwise (``AutoModel`` for ``FEATURE_EXTRACTION``, PEFT's bare
+    model; ``AutoModelForSequenceClassification`` adds a new head to a causal LM).
+    """
+    import transformers
+
+    if task_type not in AUTO_CLASSES:
+        raise ModelError(
+            f"unknown task_type {task_type!r}; known: {', '.join(map(str, AUTO_CLASSES))}"
+        )
+    config = _read_config(ref) if config is None else config
+    saved = _saved_class(config)
+    if saved is not None and (task_type is None or _task_of(config) == task_type):
+        return saved
+    return getattr(transformers, AUTO_CLASSES[task_type])
+
+
+def _saved_class(config: Any) -> Any:
+    """``config.architectures[0]`` as a transformers class, or None (none, or remote code)."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures or not isinstance(architectures[0], str):
+        return None
+    try:
+        cls = getattr(transformers, architectures[0], None)
+    except Exception:  # transformers' lazy module may fail to import an optional backend
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def _from_config(cls: Any, config: Any, kwargs: dict[str, Any]) -> nn.Module:
+    if hasattr(cls, "from_config"):  # the auto classes
+        return cls.from_config(config, **kwargs)  # type: ignore[no-any-return]
+    return cls._from_config(config, **kwargs)  # type: ignore[no-any-return]
+
+
+def _name(cls: Any) -> str:
+    return str(getattr(cls, "__name__", cls))
+
+
 _ARCHITECTURE_TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("LMHeadModel", "CAUSAL_LM"),
@@ -177,7 +260,10 @@ def saved_task_type(ref: ModelRef) -> str | None:
     ``OPTForCausalLM`` → ``CAUSAL_LM``; None for a bare model, a factory, or no match."""
     if ref.kind == "factory":
         return None
-    config = _read_config(ref)
+    return _task_of(_read_config(ref))
+
+
+def _task_of(config: Any) -> str | None:
     architectures = getattr(config, "architectures", None) or []
     name = architectures[0] if architectures else ""
     if name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
@@ -231,32 +317,6 @@ def _call_factory(ref: ModelRef, *, meta: bool, dtype: torch.dtype | None) -> nn
     return model.to(dtype) if dtype is not None else model
 
 
-def _cached_snapshot(
-    ref: str, cache_dir: str | os.PathLike[str] | None, revision: str | None
-) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(
-            snapshot_download(
-                ref,
-                revision=revision,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-                local_files_only=True,
-            )
-        )
-    except Exception:  # LocalEntryNotFoundError, a bad repo id, an unreadable cache
-        at = f"@{revision}" if revision else ""
-        raise ModelError(
-            f"{ref}{at} is not a local path and is not in the Hugging Face cache; adaptc does "
-            "not download: fetch it where there is network (`hf download " + ref + "`) or pass "
-            "a directory"
-        ) from None
-    if not (folder / CONFIG_NAME).is_file():
-        raise ModelError(f"{ref} is in the Hugging Face cache, but without {CONFIG_NAME}")
-    return folder
-
-
 def _read_config(ref: ModelRef) -> Any:
     from transformers import AutoConfig
 
@@ -267,16 +327,6 @@ def _read_config(ref: ModelRef) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         where = ref.path if ref.kind == "config" else ref.path / CONFIG_NAME
         raise ModelError(f"cannot read the model config {where}: {_first_line(exc)}") from None
-
-
-def _auto_class(task_type: str | None) -> Any:
-    import transformers
-
-    if task_type not in AUTO_CLASSES:
-        raise ModelError(
-            f"unknown task_type {task_type!r}; known: {', '.join(map(str, AUTO_CLASSES))}"
-        )
-    return getattr(transformers, AUTO_CLASSES[task_type])
 
 
 @contextlib.contextmanager

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# No test reaches a real hub: huggingface_hub reads this when it is first imported. Tests
+# of downloads run their commands in subprocesses pointed at tests/hub_server.py.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
 
 import pytest
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 import textwrap
 
-__all__ = ["DTYPE_NAMES", "add_command", "fail"]
+__all__ = ["DTYPE_NAMES", "add_command", "fail", "spec_source"]
 
 # --dtype choices; adaptc.models.DTYPES maps them to torch dtypes (not imported here: the
 # CLI imports torch only when a command needs it)
@@ -33,3 +33,20 @@ def fail(command: str, message: str, code: int = 1) -> int:
     """Print ``adaptc COMMAND: error: message`` on stderr and return ``code``."""
     print(f"adaptc {command}: error: {message}", file=sys.stderr)
     return code
+
+
+def spec_source(text: str, cache_dir: str | None = None) -> str:
+    """A local path for a SPEC argument: ``text`` itself, or, for a hub id (``org/name``)
+    that names no local path, the adapter repo downloaded (its ``adapter_config.json`` or
+    ``adaptc_spec.yaml``). Raises ``ValueError`` (one line) when the download fails."""
+    from pathlib import Path
+
+    if Path(text).exists() or text.count("/") != 1:
+        return text
+    from adaptc.hub import is_hub_id
+
+    if not is_hub_id(text):
+        return text
+    from adaptc.io.load import resolve_adapter_dir  # lazily: it imports torch
+
+    return str(resolve_adapter_dir(text, cache_dir=cache_dir))

@@ -28,12 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         adaptc compile my-spec.yaml mypkg.models:build --quiet
         """,
     )
-    p.add_argument("spec", metavar="SPEC", help="spec file, adapter_config.json or adapter dir")
+    p.add_argument(
+        "spec", metavar="SPEC", help="spec file, adapter_config.json, adapter dir or hub id"
+    )
     p.add_argument(
         "model",
         metavar="MODEL",
         nargs="?",
-        help="model directory, config.json, hub id in the local cache, or package.module:factory "
+        help="model directory, config.json, hub id, or package.module:factory "
         "(default: the spec's base_model.name)",
     )
     p.add_argument("--out", metavar="DIR", help="write the initialised adapter to DIR")

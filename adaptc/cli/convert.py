@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from adaptc._io import atomic_write_text
-from adaptc.cli._common import add_command, fail
+from adaptc.cli._common import add_command, fail, spec_source
 from adaptc.spec import Spec, SpecError, is_peft_config, spec_from_data
 from adaptc.spec.dump import dump_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, resolve_spec_path
@@ -37,11 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     try:
-        doc = read_document(resolve_spec_path(Path(args.source)))
+        doc = read_document(resolve_spec_path(Path(spec_source(args.source))))
         spec = spec_from_data(doc.data, doc)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
+    except ValueError as exc:  # a hub id that cannot be fetched
+        return fail("convert", str(exc))
     to = args.to or ("spec" if is_peft_config(doc.data) else "peft")
     try:
         if to == "spec":

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "is read.",
         """
         adaptc inspect ./checkpoints/opt-350m
-        adaptc inspect meta-llama/Llama-2-7b-hf          # a hub id in the local cache
+        adaptc inspect meta-llama/Llama-2-7b-hf          # a hub id: its config.json only
         adaptc inspect llama-70b/config.json --json
         adaptc inspect mypkg.models:build
         """,
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="model directory, config.json, hub id in the local cache, or package.module:factory",
+        help="model directory, config.json, hub id, or package.module:factory",
     )
     p.add_argument(
         "--task-type",

@@ -6,75 +6,116 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adaptc.cli._common import add_command, fail
+from adaptc.cli.plan import CACHE_HELP
 from adaptc.spec import Spec, SpecError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = add_command(
         sub,
         "merge",
-        "Merge an adapter into a checkpoint: W + s·ΔW for every adapted layer, written as a "
-        "normal Hugging Face checkpoint sharded like the input (config and tokenizer files "
-        "copied). Streams one tensor at a time; the output appears whole or not at all.",
+        "Merge an adapter into a checkpoint: W + s·ΔW for every adapted layer, and the "
+        "tensors the adapter trained (modules_to_save, biases), written as a normal Hugging "
+        "Face checkpoint sharded like the input (config and tokenizer files copied). Streams "
+        "one tensor at a time; the output appears whole or not at all.",
         """
         adaptc merge ./llama-3-8b ./my-adapter --out ./llama-3-8b-merged
-        adaptc merge org/model ./adapter --out merged/ --force     # a hub id from the cache
+        adaptc merge org/model org/model-lora --out merged/ --force     # hub ids
         adaptc merge ./base ./multi --adapter translate --out merged/
         """,
     )
-    p.add_argument("model", metavar="MODEL", help="model directory (safetensors) or cached hub id")
-    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adaptc or PEFT)")
+    p.add_argument("model", metavar="MODEL", help="model directory (safetensors) or hub id")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adaptc, PEFT) or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
     p.add_argument(
         "--adapter-name",
         "--adapter",
         dest="adapter_name",
         metavar="NAME",
-        help="which adapter of a multi-adapter directory (default: the first)",
+        help="which adapter of a multi-adapter directory (peft's DIR/NAME/; default: the "
+        "top-level one)",
     )
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--cache-dir", metavar="DIR", help=CACHE_HELP)
+    p.add_argument("--revision", metavar="REV", help="hub revision of MODEL (default: main)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from adaptc.io.load import AdapterLoadError
-    from adaptc.io.merge_checkpoint import merge_checkpoint
-    from adaptc.models import ModelError, build_model, resolve_model
+    from adaptc.io.merge_checkpoint import merge_checkpoint, merge_in_memory, shard_names
+    from adaptc.models import ModelError, build_model, checkpoint_dir, model_class, resolve_model
+    from adaptc.plan.defaults import TASK_MODULES_TO_SAVE
 
     out = Path(args.out)
     if out.exists() and not args.force:
         return fail("merge", f"{out} exists; pass --force to replace it")
+    bar = None
     try:
-        ref = resolve_model(args.model)
-        if ref.path is None or ref.kind not in ("dir", "hub"):
+        ref = resolve_model(args.model, cache_dir=args.cache_dir, revision=args.revision)
+        if ref.kind not in ("dir", "hub"):
             return fail("merge", f"{args.model}: merge needs a checkpoint directory (safetensors)")
+        source = checkpoint_dir(ref)
 
-        def meta_model(path: Path, spec: Spec):  # type: ignore[no-untyped-def]
-            return build_model(ref, task_type=spec.task_type, meta=True)
+        def meta_model(spec: Spec) -> nn.Module:  # the checkpoint's own class decides
+            task = spec.task_type
+            if task in TASK_MODULES_TO_SAVE and model_class(ref, task) is not model_class(
+                ref, None
+            ):  # the adapter trained a head (a classifier) the checkpoint does not have
+                raise _NewHead(spec)
+            return build_model(ref, task_type=None, meta=True)
 
-        total = sum(p.stat().st_size for p in ref.path.glob("*.safetensors"))
+        total = sum((source / name).stat().st_size for name in shard_names(source))
         bar = _progress(total, quiet=args.quiet or args.json)
-        report = merge_checkpoint(
-            ref.path, args.adapter, out, build_meta_model=meta_model,
-            adapter=args.adapter_name, force=args.force,
-            progress=bar.update if bar is not None else None,
-        )  # fmt: skip
-        if bar is not None:
-            bar.close()
+        try:
+            report = merge_checkpoint(
+                source, args.adapter, out, build_meta_model=meta_model,
+                adapter=args.adapter_name, force=args.force,
+                progress=bar.update if bar is not None else None,
+            )  # fmt: skip
+        except _NewHead as new_head:  # the adapter brings a head the checkpoint lacks
+            task = new_head.spec.task_type
+
+            def full_model(labels: int | None) -> nn.Module:
+                overrides = {} if labels is None else {"num_labels": labels}
+                return build_model(ref, task_type=task, meta=False, config_overrides=overrides)
+
+            report = merge_in_memory(
+                full_model, source, args.adapter, out, adapter=args.adapter_name, force=args.force
+            )
     except (ModelError, AdapterLoadError, SpecError, FileExistsError) as exc:
         return fail("merge", str(exc).splitlines()[0])
-    summary = {"out": str(report.out_dir), "shards": report.shards, "tensors": report.tensors,
-               "merged": report.merged}  # fmt: skip
+    except OSError as exc:
+        return fail("merge", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = {"out": str(report.out_dir), "adapter": report.adapter, "shards": report.shards,
+               "tensors": report.tensors, "merged": report.merged,
+               "replaced": report.replaced}  # fmt: skip
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"wrote {report.out_dir}: {report.merged} merged of {report.tensors} tensors "
-              f"in {report.shards} shard(s)")  # fmt: skip
+        copied = f", {report.replaced} taken from the adapter" if report.replaced else ""
+        print(f"wrote {report.out_dir}: adapter {report.adapter!r}, {report.merged} merged"
+              f"{copied}, of {report.tensors} tensors in {report.shards} shard(s)")  # fmt: skip
     return 0
+
+
+class _NewHead(Exception):
+    """The adapter's task needs another model class than the checkpoint's."""
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__(spec.task_type)
+        self.spec = spec
 
 
 def _progress(total: int, *, quiet: bool):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import adaptc
-from adaptc.cli._common import DTYPE_NAMES, add_command, fail
+from adaptc.cli._common import DTYPE_NAMES, add_command, fail, spec_source
 from adaptc.spec import Spec, SpecError
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from adaptc.models import MemoryEstimate
 
 _GIB = 1024**3
-CACHE_HELP = "Hugging Face cache to look in (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"
+CACHE_HELP = "Hugging Face cache to use (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"
 REVISION_HELP = "hub revision of MODEL (default: the spec's base_model.revision, else main)"
 
 
@@ -30,18 +30,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "parameter counts, and the memory to train. The model is built on the meta device: "
         "no weight is read, so a 70B model plans in seconds.",
         """
-        adaptc plan specs/examples/llama-all-linear.yaml meta-llama/Llama-2-7b-hf  # cached id
+        adaptc plan specs/examples/llama-all-linear.yaml meta-llama/Llama-2-7b-hf  # config only
         adaptc plan my-spec.yaml ./checkpoints/opt-350m          # a model directory
         adaptc plan my-spec.yaml llama-70b/config.json --dtype bf16
         adaptc plan my-spec.yaml mypkg.models:build --json       # a factory; JSON on stdout
         """,
     )
-    p.add_argument("spec", metavar="SPEC", help="spec file, adapter_config.json or adapter dir")
+    p.add_argument(
+        "spec", metavar="SPEC", help="spec file, adapter_config.json, adapter dir or hub id"
+    )
     p.add_argument(
         "model",
         metavar="MODEL",
         nargs="?",
-        help="model directory, config.json, hub id in the local cache, or package.module:factory "
+        help="model directory, config.json, hub id, or package.module:factory "
         "(default: the spec's base_model.name)",
     )
     p.add_argument(
@@ -107,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
 def spec_and_model(args: argparse.Namespace, command: str) -> tuple[Spec, str, str | None] | int:
     """The spec, MODEL and its revision; an exit code (errors printed) when one is missing."""
     try:
-        spec = adaptc.load_spec(args.spec)
+        spec = adaptc.load_spec(spec_source(args.spec, args.cache_dir))
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
+    except ValueError as exc:  # a hub id that cannot be fetched
+        return fail(command, str(exc))
     name, revision = model_of(spec, args.model, args.revision)
     if name is None:
         return fail(command, f"give MODEL: {args.spec} has no base_model.name")

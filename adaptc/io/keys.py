@@ -18,7 +18,13 @@ from adaptc.compiler.compile import Compiled, compiled_info
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.layers import LoraBranch
 
-__all__ = ["PREFIX", "AdapterKeyError", "adapter_state_dict", "adapter_tensors"]
+__all__ = [
+    "PREFIX",
+    "AdapterKeyError",
+    "adapter_state_dict",
+    "adapter_tensors",
+    "without_peft_duplicates",
+]
 
 PREFIX = "base_model.model."
 _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves their base weights too
@@ -56,6 +62,17 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
                 weight = _layer(model, path).weight
                 assert isinstance(weight, torch.Tensor)
                 yield f"{PREFIX}{path}.base_layer.weight", weight
+
+
+def without_peft_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the copies peft writes twice: with ``bias: all`` its file also holds
+    a saved module's biases under ``<path>.modules_to_save.bias`` and
+    ``<path>.original_module.bias`` beside the real ``<path>.bias``; peft never reads them."""
+    return {
+        k: v
+        for k, v in state.items()
+        if not (".modules_to_save." in k or ".original_module." in k) or ".lora_" in k
+    }
 
 
 def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:

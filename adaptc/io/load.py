@@ -14,12 +14,20 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adaptc.compiler.compile import CompileError, compile, compiled_info
-from adaptc.io.keys import AdapterKeyError, adapter_tensors
+from adaptc.hub import ADAPTER_FILES, HubError, is_hub_id, snapshot
+from adaptc.io.keys import AdapterKeyError, adapter_tensors, without_peft_duplicates
 from adaptc.io.save import WEIGHTS_NAME
 from adaptc.spec import Spec, SpecError, from_peft_config, load_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
 
-__all__ = ["LEGACY_WEIGHTS_NAME", "AdapterLoadError", "load_adapter", "resolve_adapter_dir"]
+__all__ = [
+    "LEGACY_WEIGHTS_NAME",
+    "AdapterLoadError",
+    "choose_adapter",
+    "load_adapter",
+    "resolve_adapter_dir",
+    "sub_adapters",
+]
 
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
@@ -36,19 +44,25 @@ def load_adapter(
     trainable: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
 ) -> nn.Module:
     """A new model: ``model`` (untouched) with the adapter(s) saved at ``source``.
 
     ``source`` is a directory written by ``adaptc.save_adapter`` or by peft's
     ``save_pretrained`` (``adapter_model.safetensors``, or a legacy ``adapter_model.bin``,
-    read with ``torch.load(weights_only=True)``), or a hub id already in the local
-    Hugging Face cache. Adapter weights are frozen unless ``trainable``.
+    read with ``torch.load(weights_only=True)``), or a hub id (``org/name``, downloaded as
+    peft does: cache, ``revision``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``). Adapter weights are
+    frozen unless ``trainable``.
 
     When ``model`` was returned by ``adaptc.compile``, the adapter(s) are added to it in
     place instead (inactive, nothing else recompiled, as ``adaptc.add_adapter``) and
     ``model`` itself is returned; on an error nothing is left half-added.
     """
-    directory = resolve_adapter_dir(source, cache_dir=cache_dir, revision=revision)
+    directory = resolve_adapter_dir(
+        source, cache_dir=cache_dir, revision=revision, token=token,
+        local_files_only=local_files_only,
+    )  # fmt: skip
     spec, folders = _read_spec(directory, adapter_name)
     if compiled_info(model) is not None:
         return _load_into(model, directory, spec, folders, trainable)
@@ -111,34 +125,77 @@ def resolve_adapter_dir(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    subfolder: str | None = None,
 ) -> Path:
-    """A local adapter directory for ``source`` (a path, or a hub id in the local cache)."""
+    """A local adapter directory for ``source``: a path, or a hub id (``org/name``),
+    downloaded into the Hugging Face cache as peft does (``HF_HUB_OFFLINE`` honoured).
+    ``subfolder`` is a directory inside it (peft's ``subfolder=``)."""
     path = Path(source)
     if path.is_file() and path.name in (PEFT_CONFIG_NAME, SPEC_FILE_NAME):
         return path.parent
     if path.is_dir():
-        return path
+        return path / subfolder if subfolder else path
     text = str(source)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+    if path.exists() or text.count("/") != 1 or not is_hub_id(text):
         raise AdapterLoadError(f"no adapter directory at {text}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    inside = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
-        return Path(
-            snapshot_download(
-                text,
-                revision=revision,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-                local_files_only=True,
-            )
+        folder = snapshot(
+            text,
+            what="adapter",
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=[inside + pattern for pattern in ADAPTER_FILES],
+            token=token,
+            local_files_only=local_files_only,
         )
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    except HubError as exc:
+        raise AdapterLoadError(str(exc)) from None
+    return folder / inside if inside else folder
+
+
+def sub_adapters(directory: Path) -> list[str]:
+    """Names of the adapters saved in sub-directories of ``directory`` (peft's layout)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p.name for p in directory.iterdir() if p.is_dir() and (p / PEFT_CONFIG_NAME).is_file()
+    )
+
+
+def choose_adapter(directory: Path, name: str | None) -> tuple[Spec, str, Path]:
+    """One adapter of an adapter directory: ``(its one-adapter spec, name, its folder)``.
+
+    ``name`` None picks the default one (the top level, or an adaptc spec's first adapter);
+    otherwise the adapter of that name (peft's ``DIR/NAME/`` sub-directory). Never another
+    one: an unknown name is an error listing what the directory holds.
+    """
+    if (directory / SPEC_FILE_NAME).is_file():
+        spec, folders = _read_spec(directory, "default")
+        names = list(spec.adapters)
+        chosen = names[0] if name is None else name
+        if chosen not in spec.adapters:
+            raise AdapterLoadError(
+                f"{directory} has no adapter {chosen!r} (has: {', '.join(names)})"
+            )
+        data = spec.model_dump(by_alias=True)
+        data["adapters"] = {chosen: data["adapters"][chosen]}
+        data["merge"] = False
+        return Spec.model_validate(data), chosen, folders[chosen]
+    top = (directory / PEFT_CONFIG_NAME).is_file()
+    subs = sub_adapters(directory)
+    if (name is not None and name != "default") or (name == "default" and not top):
+        if name in subs:
+            spec, _ = _read_spec(directory / name, name)
+            return spec, name, directory / name
+        held = (["default"] if top else []) + subs
         raise AdapterLoadError(
-            f"{text!r} is not a local directory and is not in the Hugging Face cache; "
-            "adaptc does not download (offline): download it where there is network "
-            "(`hf download` fills the cache) or pass a directory"
-        ) from None
+            f"{directory} has no adapter {name!r} (has: {', '.join(held) or 'none'})"
+        )
+    spec, _ = _read_spec(directory, "default")
+    return spec, "default", directory
 
 
 def _read_spec(directory: Path, adapter_name: str) -> tuple[Spec, dict[str, Path]]:
@@ -150,6 +207,13 @@ def _read_spec(directory: Path, adapter_name: str) -> tuple[Spec, dict[str, Path
             return spec, folders
         config_path = directory / PEFT_CONFIG_NAME
         if not config_path.is_file():
+            subs = sub_adapters(directory)
+            if subs:
+                raise AdapterLoadError(
+                    f"{directory} has no {PEFT_CONFIG_NAME} at its top; it holds the adapters "
+                    f"{', '.join(subs)} in sub-directories: load one by its directory, e.g. "
+                    f"{directory / subs[0]}"
+                )
             raise AdapterLoadError(
                 f"{directory} has no {PEFT_CONFIG_NAME} (not an adapter directory)"
             )
@@ -174,7 +238,7 @@ def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     legacy_path = folder / LEGACY_WEIGHTS_NAME
     if safetensors_path.is_file():
         try:
-            return safetensors_path, load_file(str(safetensors_path))
+            return safetensors_path, without_peft_duplicates(load_file(str(safetensors_path)))
         except (SafetensorError, OSError, ValueError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise AdapterLoadError(
@@ -193,7 +257,7 @@ def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             isinstance(v, torch.Tensor) for v in state.values()
         ):
             raise AdapterLoadError(f"{legacy_path} does not hold a dict of tensors")
-        return legacy_path, state
+        return legacy_path, without_peft_duplicates(state)
     raise AdapterLoadError(f"{folder} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from adaptc._io import staging_dir
 from adaptc.compiler.compile import Compiled, compiled_info
 from adaptc.io.keys import adapter_state_dict
 from adaptc.plan.defaults import LORA_TARGET_MODULES, TASK_MODULES_TO_SAVE
@@ -53,6 +53,8 @@ def save_adapter(
             name, target_modules=_resolved_targets(model, info, name), inference_mode=True
         )
         _as_peft_resolves(config, info, name)
+        if config["base_model_name_or_path"] is None:  # as peft: the base model's own name
+            config["base_model_name_or_path"] = _name_or_path(model)
         if config["task_type"] is None:  # as PeftModel.save_pretrained records the base class
             cls = type(model)
             config["auto_mapping"] = {
@@ -68,6 +70,14 @@ def save_adapter(
     files[Path(SPEC_FILE_NAME)] = dump_spec(saved).encode()
     _write_all(target, files)
     return target
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    """Where the base model was loaded from (transformers' ``name_or_path``), or None."""
+    name = model.__dict__.get("name_or_path") or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    return str(name) if name else None
 
 
 def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] | None:
@@ -98,9 +108,7 @@ def _as_peft_resolves(config: dict[str, Any], info: Compiled, name: str) -> None
 
 
 def _write_all(target: Path, files: dict[Path, bytes | dict[str, object]]) -> None:
-    parent = target.parent if str(target.parent) else Path()
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    staging = staging_dir(target)
     try:
         for rel, content in files.items():
             path = staging / rel

@@ -19,15 +19,12 @@ from torch import nn
 
 from adaptc.compiler.compile import compiled_info
 from adaptc.compiler.hotswap import hotswap, prepare_hotswap
-from adaptc.io import resolve_adapter_dir
 from adaptc.layers import LoraBranch
 from adaptc.peft.config import LoraConfig
-from adaptc.peft.model import PeftModel
-from adaptc.peft.tuner import LoraModel, config_of, unsupported
+from adaptc.peft.model import PeftModel, adapter_directory
+from adaptc.peft.tuner import LoraModel, config_of
 
 __all__ = ["hotswap_adapter", "prepare_model_for_compiled_hotswap"]
-
-_HUB_ONLY_KWARGS = frozenset({"token", "use_auth_token", "local_files_only"})
 
 
 def hotswap_adapter(
@@ -45,17 +42,8 @@ def hotswap_adapter(
     """
     del torch_device
     peft_model = _peft_model(model)
-    subfolder = kwargs.pop("subfolder", None)
-    revision = kwargs.pop("revision", None)
-    cache_dir = kwargs.pop("cache_dir", None)
-    for key in _HUB_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    if kwargs:
-        key = sorted(kwargs)[0]
-        raise unsupported(key, kwargs[key])
-    directory = resolve_adapter_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
-    if subfolder:
-        directory = directory / subfolder
+    kwargs.pop("low_cpu_mem_usage", None)  # peft's hotswap does not take it either
+    directory = adapter_directory(model_name_or_path, kwargs)
     adapted = _adapted(peft_model)
     hotswap(adapted, directory, adapter_name)
     configs = _configs(peft_model)

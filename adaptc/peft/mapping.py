@@ -119,7 +119,10 @@ class AutoPeftModel:
 
         if config is not None:
             raise unsupported("config", config)
-        directory = resolve_adapter_dir(pretrained_model_name_or_path, revision=revision)
+        directory = resolve_adapter_dir(  # the hub keywords serve the base model too
+            pretrained_model_name_or_path, revision=revision, cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"), local_files_only=kwargs.get("local_files_only", False),
+        )  # fmt: skip
         peft_config = LoraConfig.from_pretrained(directory)
         base_name = peft_config.base_model_name_or_path
         if not base_name:

@@ -35,10 +35,9 @@ from adaptc.spec import Spec
 __all__ = ["PeftModel", "check_special", "special_forward"]
 
 _SPECIAL_FORWARD_ARGS = {"alora_offsets": "aLoRA"}
+
+
 # from_pretrained keywords that change nothing offline (adaptc never downloads)
-_HUB_ONLY_KWARGS = frozenset({"token", "use_auth_token", "local_files_only"})
-
-
 class PeftModel(nn.Module):
     """PEFT's ``PeftModel(model, peft_config, adapter_name)``, over ``adaptc.compile``.
 
@@ -186,7 +185,7 @@ class PeftModel(nn.Module):
         changes what others share (a new ``modules_to_save``, a bias mode) rebuilds the
         adapted model instead."""
         _check_load_args(torch_device, autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping)
-        directory = _adapter_directory(model_id, kwargs)
+        directory = adapter_directory(model_id, kwargs)
         if self._load_in_place(model_id, directory, adapter_name, is_trainable):
             if not is_trainable:
                 self.eval()
@@ -285,7 +284,8 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> PeftModel:
         """A new adapted model: ``model`` (untouched) with the adapter saved at ``model_id``
-        (a directory, or a hub id already in the local cache).
+        (a directory, or a hub id: downloaded as peft does, ``revision``, ``token``,
+        ``subfolder``, ``cache_dir`` and ``local_files_only`` read).
 
         ``low_cpu_mem_usage`` is accepted and changes nothing (the weights are loaded).
         """
@@ -321,23 +321,30 @@ def _load(
     is_trainable: bool,
     kwargs: dict[str, Any],
 ) -> nn.Module:
-    directory = _adapter_directory(model_id, kwargs)
+    directory = adapter_directory(model_id, kwargs)
     return _load_adapter(model, directory, adapter_name=adapter_name, trainable=is_trainable)
 
 
-def _adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Path:
-    """The adapter directory ``from_pretrained``/``load_adapter`` arguments name (offline)."""
+def adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Path:
+    """The adapter directory that ``from_pretrained``/``load_adapter`` arguments name, a hub
+    id downloaded as peft does (``subfolder``, ``revision``, ``cache_dir``, ``token``,
+    ``local_files_only``); the keywords read are removed from ``kwargs``, any other one left
+    is refused."""
     subfolder = kwargs.pop("subfolder", None)
     revision = kwargs.pop("revision", None)
     cache_dir = kwargs.pop("cache_dir", None)
-    for key in _HUB_ONLY_KWARGS:
-        kwargs.pop(key, None)
+    token = kwargs.pop("token", None)
+    token = kwargs.pop("use_auth_token", None) if token is None else token
+    kwargs.pop("use_auth_token", None)
+    local_files_only = bool(kwargs.pop("local_files_only", False))
     kwargs.pop("low_cpu_mem_usage", None)
     if kwargs:
         key = sorted(kwargs)[0]
         raise unsupported(key, kwargs[key])
-    directory = resolve_adapter_dir(model_id, cache_dir=cache_dir, revision=revision)
-    return directory / subfolder if subfolder else directory
+    return resolve_adapter_dir(
+        model_id, cache_dir=cache_dir, revision=revision, token=token,
+        local_files_only=local_files_only, subfolder=subfolder,
+    )  # fmt: skip
 
 
 def _check_load_args(

@@ -183,6 +183,8 @@ def resolve_targets(
 
     saved = _modules_to_save(model, adapter, task_type, {k for k, _ in targets}, selector.label)
     for entry in adapter.modules_to_save:
+        if task is not None and entry in task.names:
+            continue  # peft lists every task head it tries; an absent one is not a mistake
         if not any(key.endswith(entry) for key in saved):
             warnings.append(f"modules_to_save entry {entry!r} matched no module")
     return TargetMatch(tuple(k for k, _ in targets), saved, tuple(warnings))

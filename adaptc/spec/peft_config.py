@@ -184,8 +184,8 @@ def from_peft_config(cfg: Mapping[str, Any], name: str = "default", doc: Any | N
             if value:
                 adapter["exclude"] = _selector(value, allow_all_linear=False)
         elif key == "modules_to_save":
-            if value is not None:
-                adapter["modules_to_save"] = _as_list(value)
+            if value is not None:  # peft writes its task heads twice (["classifier",
+                adapter["modules_to_save"] = _unique(value)  # "classifier", "score"])
         elif key == "init_lora_weights":
             _init(value, adapter, bad)
         elif key == "layers_to_transform":
@@ -234,6 +234,13 @@ def _as_list(value: Any) -> Any:
     if isinstance(value, (set, frozenset, list, tuple)) and all(isinstance(v, str) for v in value):
         return sorted(value)
     return value
+
+
+def _unique(value: Any) -> Any:
+    """A list of names without repeats, in first-seen order (other values: as they are)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(dict.fromkeys(value))
+    return _as_list(value)
 
 
 def _init(value: Any, adapter: dict[str, Any], bad: Any) -> None:

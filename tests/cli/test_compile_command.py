@@ -126,8 +126,8 @@ def test_base_model_revision_is_read_from_the_cache(capsys, ckpt, write):
     spec.write_text(spec.read_text().replace(HASH, "v9"))
     code, out, err = run(capsys, "compile", spec, "--cache-dir", ckpt["cache"])
     assert (code, out) == (1, "")
-    assert err.startswith("adaptc compile: error: org/tiny-llama@v9 is not a local path and is ")
-    assert "does not download" in err and err.count("\n") == 1
+    assert err.startswith("adaptc compile: error: the model org/tiny-llama@v9 is not in the ")
+    assert "HF_HUB_OFFLINE is set" in err and err.count("\n") == 1
 
 
 def test_a_new_task_head_is_a_warning_line(capsys, ckpt, write):
@@ -155,7 +155,7 @@ def test_custom_factory_model(capsys, write, tmp_path):
     [
         ([], "give MODEL: {spec} has no base_model.name"),
         (["no/such/model"], "no such file or directory: no/such/model"),
-        (["org/absent"], "org/absent is not a local path and is not in the Hugging Face cache"),
+        (["org/absent"], "the model org/absent is not in the Hugging Face cache and HF_HUB"),
         (["tests.test_models:broken_factory"], "the model factory tests.test_models:broken_"),
         (["{config}"], "targets.names [query_proj] matched no module of OPTForCausalLM"),
     ],

@@ -103,7 +103,7 @@ def test_inspect_a_model_without_peft_defaults(capsys):
     ("model", "message"),
     [
         ("no/such/dir", "no such file or directory: no/such/dir"),
-        ("org/absent", "org/absent is not a local path and is not in the Hugging Face cache"),
+        ("org/absent", "the model org/absent is not in the Hugging Face cache and HF_HUB_OFFLINE"),
         (
             "tests.test_models:not_a_model",
             "the model factory tests.test_models:not_a_model returned",

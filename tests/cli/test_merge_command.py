@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import peft
+import pytest
 import torch
 import transformers as tf
+from torch import nn
 
 import adaptc
 from adaptc.cli import main
@@ -33,7 +39,7 @@ def test_merge_through_the_console_script(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "merged of" in proc.stdout
+    assert "adapter 'default', 14 merged, of 21 tensors in 2 shard(s)" in proc.stdout
     merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -83,6 +89,106 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     ]
     assert main(args) == 1  # an adapter made for another base
     err = capsys.readouterr().err.strip()
-    assert "does not fit this model: LoRA tensors" in err, err
+    assert "does not fit this model (OPTForCausalLM): tensors" in err, err
     assert "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _peft_two_adapters(tmp_path: Path) -> tuple[nn.Module, Path]:
+    """A base checkpoint and peft's layout of two adapters: ``DIR/`` and ``DIR/second/``."""
+    model = tiny_hf("opt").eval()
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    pm.add_adapter(
+        "second", peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False)
+    )
+    pm.save_pretrained(tmp_path / "multi")
+    return pm.eval(), tmp_path / "multi"
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**hf_inputs("opt")).logits
+
+
+def test_adapter_name_picks_the_sub_adapter_of_a_peft_directory(tmp_path, capsys):
+    pm, multi = _peft_two_adapters(tmp_path)
+    for name in ("second", "default", None):
+        out = tmp_path / f"out-{name}"
+        flag = [] if name is None else ["--adapter", name]
+        assert main(["merge", str(tmp_path / "base"), str(multi), "--out", str(out), *flag]) == 0
+        assert f"adapter '{name or 'default'}'" in capsys.readouterr().out
+        pm.set_adapter(name or "default")
+        merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+        torch.testing.assert_close(_logits(merged), _logits(pm), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_adapter_name_is_refused_with_the_names_held(tmp_path, capsys):
+    _, multi = _peft_two_adapters(tmp_path)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "base"), str(multi), "--out", str(out),
+                 "--adapter", "third"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == f"adaptc merge: error: {multi} has no adapter 'third' (has: default, second)\n"
+    assert not out.exists()
+
+
+def test_adapter_name_in_an_adaptc_directory(tmp_path, capsys):
+    model = tiny_hf("opt").eval()
+    model.save_pretrained(tmp_path / "base")
+    alpha = {"targets": {"kind": "names", "names": ["q_proj"]}, "init": "random"}
+    beta = {"targets": {"kind": "names", "names": ["fc1"]}, "init": "random", "r": 2}
+    spec = {"version": 1, "adapters": {"alpha": alpha, "beta": beta}}
+    new = adaptc.compile(model, spec).eval()
+    adaptc.save_adapter(new, tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "--out", str(out),
+                 "--adapter", "beta"]) == 0  # fmt: skip
+    adaptc.set_active(new, "beta")
+    merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(merged), _logits(new), rtol=1e-5, atol=1e-5)
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "--out", str(out),
+                 "--force", "--adapter", "gamma"]) == 1  # fmt: skip
+    assert "has no adapter 'gamma' (has: alpha, beta)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"target_modules": ["q_proj"], "lora_bias": True},
+            "adaptc merge: error: adapter 'default' ({adapter}/adapter_model.safetensors): "
+            "model.layers.0.self_attn.q_proj has lora_bias but the layer has no bias, so the "
+            "update cannot be merged into the checkpoint (peft refuses it too)",
+        ),
+        (
+            {"target_modules": ["nonexistent"]},
+            "adaptc merge: error: the adapter 'default' ({adapter}/adapter_model.safetensors) "
+            "does not fit this model (LlamaForCausalLM): targets.names [nonexistent] matched "
+            "no module of LlamaForCausalLM",
+        ),
+    ],
+)
+def test_user_errors_are_one_line_naming_adapter_and_module(tmp_path, capsys, config, message):
+    model = tiny_hf("llama").eval()
+    model.save_pretrained(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        targets = config["target_modules"]
+        real = {**config, "target_modules": ["q_proj"]}
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(task_type="CAUSAL_LM", **real)
+                            ).save_pretrained(adapter)  # fmt: skip
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**saved, "target_modules": targets}))
+    capsys.readouterr()
+    code = main(["merge", str(tmp_path / "base"), str(adapter), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(message.format(adapter=adapter)), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]

@@ -185,7 +185,7 @@ def test_plan_on_a_custom_factory(capsys, write):
     ("model", "message"),
     [
         ("no/such/dir", "adaptc plan: error: no such file or directory: no/such/dir"),
-        ("org/absent", "adaptc plan: error: org/absent is not a local path and is not in"),
+        ("org/absent", "adaptc plan: error: the model org/absent is not in the Hugging Face cache"),
         ("tests.nowhere:build", "adaptc plan: error: cannot import module 'tests.nowhere'"),
     ],
 )

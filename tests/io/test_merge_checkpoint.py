@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import peft
 import pytest
@@ -24,8 +23,8 @@ AUTO = {
 }
 
 
-def meta_builder(family):
-    def build(path: Path, spec):
+def meta_builder(family, path):
+    def build(spec):
         config = tf.AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             return AUTO[family].from_config(config)
@@ -64,7 +63,7 @@ def test_merged_checkpoint_loads_and_matches_the_adapter_model(tmp_path, family,
         tmp_path / "base",
         tmp_path / "adapter",
         tmp_path / "out",
-        build_meta_model=meta_builder(family),
+        build_meta_model=meta_builder(family, tmp_path / "base"),
     )
     assert report.merged > 0
     merged = AUTO[family].from_pretrained(tmp_path / "out").eval()
@@ -80,7 +79,7 @@ def test_sharding_and_other_files_are_kept(tmp_path):
         tmp_path / "base",
         tmp_path / "adapter",
         tmp_path / "out",
-        build_meta_model=meta_builder("opt"),
+        build_meta_model=meta_builder("opt", tmp_path / "base"),
     )
     base = sorted(p.name for p in (tmp_path / "base").iterdir())
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -100,14 +99,14 @@ def test_refuses_to_overwrite_without_force(tmp_path):
             tmp_path / "base",
             tmp_path / "adapter",
             tmp_path / "out",
-            build_meta_model=meta_builder("opt"),
+            build_meta_model=meta_builder("opt", tmp_path / "base"),
         )
     assert (tmp_path / "out" / "keep.txt").exists()
     merge_checkpoint(
         tmp_path / "base",
         tmp_path / "adapter",
         tmp_path / "out",
-        build_meta_model=meta_builder("opt"),
+        build_meta_model=meta_builder("opt", tmp_path / "base"),
         force=True,
     )
     assert not (tmp_path / "out" / "keep.txt").exists()
@@ -132,7 +131,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch):
             tmp_path / "base",
             tmp_path / "adapter",
             tmp_path / "out",
-            build_meta_model=meta_builder("opt"),
+            build_meta_model=meta_builder("opt", tmp_path / "base"),
         )
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
