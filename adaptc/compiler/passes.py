@@ -2,21 +2,33 @@
 
 Each adapted graph module keeps its base graph (no adapter nodes) in
 ``meta["adaptc"]["base_graph"]``; both passes start from it, so switching adapters or
-merging never accumulates edits. New nodes are tagged in ``node.meta["adaptc"]``.
+merging never accumulates edits. New nodes are tagged in ``node.meta["adaptc"]``. A graph
+module traced per argument pattern (:mod:`adaptc.compiler.patterns`) has one base graph
+per pattern; the passes rebuild them all alike and record the adapters they carry.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 
+from adaptc.compiler.patterns import Key, PatternGraphModule, patterns_of, set_patterns
+from adaptc.compiler.saved import ModulesToSave
 from adaptc.layers import LoraBranch, rule_for
 
-__all__ = ["MergeError", "branches_of", "insert_branches", "merge_graph", "target_nodes"]
+__all__ = [
+    "MergeError",
+    "add_pattern",
+    "branches_of",
+    "insert_branches",
+    "merge_graph",
+    "target_nodes",
+]
 
 
 class MergeError(ValueError):
@@ -67,13 +79,41 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str], *, mixed: bool = 
             return relu
 
     With ``mixed``, each target call gets one node that adds every sample's own adapter
-    term instead (see :mod:`adaptc.compiler.mixed`). Returns the number of branch sites
-    emitted (a layer called twice counts twice).
+    term instead (see :mod:`adaptc.compiler.mixed`). The graphs of the module's other
+    argument patterns are rebuilt alike. Returns the number of branch sites emitted in
+    the main graph (a layer called twice counts twice).
     """
     graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
     sites = emit_branches(graph, gm.get_submodule, active, mixed=mixed)
-    set_graph(gm, graph)
+    patterns = patterns_of(gm)
+    if patterns is None:
+        set_graph(gm, graph)
+        return sites
+    assert isinstance(gm, PatternGraphModule)
+    others = {
+        key: None if base is None else _emitted(gm, base, active, mixed)
+        for key, base in patterns.graphs.items()
+    }
+    set_patterns(gm, dataclasses.replace(patterns, emitted=(tuple(active), mixed)))
+    gm.set_graphs(graph, others)
     return sites
+
+
+def add_pattern(gm: PatternGraphModule, key: Key, base: fx.Graph | None) -> None:
+    """Add the graph of a new argument pattern (None: it runs as Python), with the
+    adapters the module's other graphs carry."""
+    patterns = patterns_of(gm)
+    assert patterns is not None and key not in patterns.graphs and key != patterns.main
+    active, mixed = patterns.emitted
+    emitted = None if base is None else _emitted(gm, base, active, mixed)
+    set_patterns(gm, dataclasses.replace(patterns, graphs={**patterns.graphs, key: base}))
+    gm.set_graphs(gm.graph, {**gm.pattern_graphs, key: emitted})
+
+
+def _emitted(gm: fx.GraphModule, base: fx.Graph, active: Sequence[str], mixed: bool) -> fx.Graph:
+    graph = copy.deepcopy(base)
+    emit_branches(graph, gm.get_submodule, active, mixed=mixed)
+    return graph
 
 
 def emit_branches(
@@ -163,16 +203,33 @@ def merge_graph(gm: fx.GraphModule, adapters: Sequence[str], *, safe: bool = Tru
     """Fold ``adapters`` into new base weights and drop every branch from ``gm``.
 
     The layers that carried branches are replaced by copies holding ``W + s·ΔW`` (new
-    tensors: the unmerged model and the user's model stay valid); the graph goes back to
-    the base graph, so the forward costs what the base model's does.
+    tensors: the unmerged model and the user's model stay valid); the graphs go back to
+    their base graphs, so the forward costs what the base model's does. Every layer under
+    ``gm`` is merged, also one that only an argument pattern not traced yet calls.
     """
-    graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
     merged: dict[int, nn.Module] = {}
-    for node, layer in target_nodes(gm, graph):
+    for path, layer in _branch_holders(gm):
         if id(layer) not in merged:
             merged[id(layer)] = merged_layer(layer, adapters, safe=safe)
-        gm.set_submodule(str(node.target), merged[id(layer)])
-    set_graph(gm, graph)
+        gm.set_submodule(path, merged[id(layer)])
+    insert_branches(gm, ())  # no layer carries a branch any more: the base graphs
+
+
+def _branch_holders(gm: fx.GraphModule) -> list[tuple[str, nn.Module]]:
+    """(path, layer) for each path of each layer under ``gm`` that carries branches; not
+    inside saved modules or graph modules of their own, which handle theirs."""
+    found: list[tuple[str, nn.Module]] = []
+    stack: list[tuple[str, nn.Module]] = [("", gm)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in module._modules.items():
+            if child is None or isinstance(child, (LoraBranch, ModulesToSave, fx.GraphModule)):
+                continue
+            if branches_of(child):
+                found.append((prefix + name, child))
+            else:
+                stack.append((f"{prefix}{name}.", child))
+    return found
 
 
 def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn.Module:

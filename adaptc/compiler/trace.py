@@ -7,6 +7,10 @@ target that no ancestor can trace becomes its own small graph, :class:`AdaptedLa
 the layer as ``base_layer`` (PEFT's name), so every target ends up as a ``call_module``
 node in some graph. Traced subtrees keep their children, parameters, buffers and plain
 attributes, so the parents' code that reads them keeps working.
+
+A forward with optional or plain arguments (``mask=None``, ``scale_out: bool = False``) is
+traced for the pattern of its defaults; :mod:`adaptc.compiler.patterns` checks each call's
+pattern and traces another on its first call (:mod:`adaptc.compiler.retrace`).
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import PH, _assert_is_none
 
 from adaptc.compiler.codecache import CachedGraphModule
 from adaptc.compiler.passes import emit_branches
+from adaptc.compiler.patterns import PatternGraphModule, Patterns, kind, sensitive_parameters
 
 __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
 
@@ -74,7 +81,7 @@ def frontier(
     """
     leaves = targets | opaque
     done: dict[int, nn.Module] = {}
-    traces: dict[tuple[Any, ...], fx.Graph | None] = {}  # structure -> a pristine graph
+    traces: _Traces = {}  # structure -> a pristine graph, and the arguments it fixed
 
     def visit(module: nn.Module) -> nn.Module:
         if id(module) in done:  # a module shared by several parents is rewritten once
@@ -134,7 +141,7 @@ def _try_trace(
     module: nn.Module,
     leaves: set[int],
     active: Sequence[str],
-    traces: dict[tuple[Any, ...], fx.Graph | None],
+    traces: _Traces,
 ) -> fx.GraphModule | None:
     """A graph module for ``module``, or None when it cannot be traced faithfully.
 
@@ -147,33 +154,113 @@ def _try_trace(
         return None
     key = _structure(module, leaves)
     if key is not None and key in traces:
-        graph = traces[key]
+        graph, fixed = traces[key]
         if graph is not None:
             graph = copy.deepcopy(graph)  # emitting branches edits it
     else:
-        graph = _trace_both_modes(module, leaves)
+        graph, fixed = _trace_fixing_what_it_must(module, leaves)
         if key is not None:
-            traces[key] = None if graph is None else copy.deepcopy(graph)
+            traces[key] = (None if graph is None else copy.deepcopy(graph), fixed)
     if graph is None:
         return None
-    return _graph_module(module, graph, type(module).__name__, active=active)
+    patterns = None  # ``fixed``: traced with these values, the main pattern
+    if fixed:
+        params = _parameters(type(module)) or ()  # type: ignore[arg-type]
+        patterns = Patterns(
+            cls=type(module),
+            attrs={k: v for k, v in module.__dict__.items() if k not in _INTERNALS},
+            params=tuple(p.replace(annotation=inspect.Parameter.empty) for p in params),
+            sensitive=tuple(fixed),
+            leaves=tuple(p for p, m in module.named_modules() if id(m) in leaves),
+            main=tuple(kind(value) for value in fixed.values()),
+            emitted=(tuple(active), False),
+        )
+    return _graph_module(module, graph, type(module).__name__, active=active, patterns=patterns)
 
 
-def _trace_both_modes(module: nn.Module, leaves: set[int]) -> fx.Graph | None:
-    """The eval-mode graph, when tracing works and both modes give the same graph."""
-    was_training = module.training
+def _trace_fixing_what_it_must(
+    module: nn.Module, leaves: set[int]
+) -> tuple[fx.Graph | None, dict[str, Any]]:
+    """The graph of ``module`` and the arguments fixed to their defaults for it.
+
+    An int or float argument stays a graph input when the code only computes with it
+    (``x * scale``, ``x[:, :n]``): fx raises on any Python decision about a proxy
+    (``if n > 1``, ``range(n)``), so a trace that succeeds holds for every value. Only
+    when it fails are numbers fixed too, like None defaults, flags and strings.
+    """
+    fixed = _fixed_defaults(type(module))
+    numbers = {k for k, v in fixed.items() if type(v) in (int, float)}
+    if numbers:
+        rest = {k: v for k, v in fixed.items() if k not in numbers}
+        graph = _trace_both_modes(module, leaves, rest)
+        if graph is not None:
+            return graph, rest
+    return _trace_both_modes(module, leaves, fixed), fixed
+
+
+# what frontier remembers of each module structure: its graph (None: untraceable) and
+# the arguments that graph fixed
+_Traces = dict[tuple[Any, ...], tuple[fx.Graph | None, dict[str, Any]]]
+
+
+def _trace_both_modes(
+    module: nn.Module, leaves: set[int], concrete: dict[str, Any] | None = None
+) -> fx.Graph | None:
+    """The eval-mode graph, when tracing works and both modes give the same graph.
+
+    ``concrete`` fixes arguments (fx ``concrete_args``; ``fx.PH`` keeps a placeholder); by
+    default the pattern-sensitive ones are fixed to their defaults."""
+    if concrete is None:
+        concrete = _fixed_defaults(type(module))
+    modes = [(m, m.training) for m in module.modules()]
     try:
         graphs = []
         for mode in (True, False):  # code that branches on self.training must not be frozen
             module.train(mode)
-            graphs.append(_LeafTracer(leaves).trace(module))
+            graph = _LeafTracer(leaves).trace(module, concrete_args=concrete or None)
+            if concrete:
+                _unspecialise_signature(graph, type(module), concrete)
+            graphs.append(graph)
     except Exception:  # torch.fx raises many kinds of errors on untraceable code
         return None
     finally:
-        module.train(was_training)
+        for m, mode in modes:  # each as it was (a child may be in another mode)
+            m.training = mode
     if _fingerprint(graphs[0]) != _fingerprint(graphs[1]):
         return None
+    for node in graphs[1].nodes:  # string annotations (`from __future__ import annotations`)
+        if isinstance(node.type, str):  # would break pickling of the generated code
+            node.type = None
     return graphs[1]
+
+
+def _fixed_defaults(cls: type) -> dict[str, Any]:
+    """The pattern-sensitive parameters of ``cls.forward`` with their defaults."""
+    params = _parameters(cls) or ()
+    sensitive = sensitive_parameters(params)
+    return {p.name: p.default for p in params if p.name in sensitive}
+
+
+def _unspecialise_signature(graph: fx.Graph, cls: type, concrete: dict[str, Any]) -> None:
+    """Give the traced forward its signature back. fx names a fixed argument's placeholder
+    ``mask_1`` and asserts its value; the pattern check replaces the assertions."""
+    params = _parameters(cls) or ()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, param in zip(placeholders, params, strict=True):
+        if param.name not in concrete:
+            continue
+        node.target = param.name  # the generated code's parameter
+        node._rename(param.name)  # fx's ``mask_1`` (a new name where that one is taken)
+        if concrete[param.name] is PH:
+            continue
+        for check in list(node.users):  # _assert_is_none(mask_1), or _assert(flag_1 == True)
+            asserts = list(check.users)
+            if check.target is operator.eq and all(a.target is torch._assert for a in asserts):
+                for a in asserts:
+                    graph.erase_node(a)
+            elif check.target is not _assert_is_none:
+                raise ValueError(f"unexpected use of a fixed argument: {check.format_node()}")
+            graph.erase_node(check)
 
 
 # nn.Module's own bookkeeping: never part of what a forward computes (hooks are checked)
@@ -254,10 +341,10 @@ def _graph_module(
     class_name: str,
     cls: type[fx.GraphModule] = CachedGraphModule,
     active: Sequence[str] = (),
+    patterns: Patterns | None = None,
 ) -> fx.GraphModule:
-    for node in graph.nodes:  # string annotations (`from __future__ import annotations`)
-        if isinstance(node.type, str):  # would break pickling of the generated code
-            node.type = None
+    if patterns is not None:
+        cls = PatternGraphModule
     base = copy.deepcopy(graph)
     if active:  # emit the branches before the module is built: its code is generated once
         emit_branches(graph, module.get_submodule, active)
@@ -280,6 +367,9 @@ def _graph_module(
     # the graph without adapters, kept to re-emit branches (switching) and for merge;
     # GraphModule.meta survives deepcopy, unlike ad-hoc attributes
     gm.meta["adaptc"] = {"base_graph": base, "source": type(module).__name__}
+    if patterns is not None:
+        gm.meta["adaptc"]["patterns"] = patterns
+        gm.recompile()  # a class with the pattern check
     return gm
 
 

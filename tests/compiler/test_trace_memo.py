@@ -41,13 +41,13 @@ SPEC = {
 
 def traced(monkeypatch, model):
     calls = []
-    real = trace._trace_both_modes
+    real = trace._trace_fixing_what_it_must
 
     def counting(module, leaves):
         calls.append(type(module).__name__)
         return real(module, leaves)
 
-    monkeypatch.setattr(trace, "_trace_both_modes", counting)
+    monkeypatch.setattr(trace, "_trace_fixing_what_it_must", counting)
     return adaptc.compile(model, SPEC), calls
 
 
