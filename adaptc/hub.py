@@ -39,8 +39,18 @@ ADAPTER_FILES = (
     "*/adapter_model.bin",
 )
 # What a merge needs of a model repository: the safetensors weights and the small files
-# beside them (config, tokenizer, generation config); not the other weight formats.
-CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model")
+# beside them (config, tokenizer, chat template, a custom model's code, which the merged
+# checkpoint needs and adaptc never runs); not the other weight formats.
+CHECKPOINT_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+    "*.py",
+)
 
 
 class HubError(ValueError):
