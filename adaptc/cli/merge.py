@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             )
     except (ModelError, AdapterLoadError, SpecError, FileExistsError) as exc:
         return fail("merge", str(exc).splitlines()[0])
+    except ValueError as exc:  # a non-finite merged weight (names adapter and module), ...
+        return fail("merge", str(exc).splitlines()[0])
     except OSError as exc:
         return fail("merge", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
     finally:

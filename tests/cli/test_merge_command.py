@@ -192,3 +192,24 @@ def test_user_errors_are_one_line_naming_adapter_and_module(tmp_path, capsys, co
     assert err.startswith(message.format(adapter=adapter)), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_a_non_finite_merge_is_one_line_and_writes_nothing(tmp_path, capsys):
+    _setup(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    state = load_file(path)
+    key = next(k for k in sorted(state) if k.endswith("lora_B.weight"))
+    state[key] = torch.full_like(state[key], float("inf"))
+    save_file(state, path)
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "out")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    target = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert err == (
+        f"adaptc merge: error: merging adapter 'default' into {target} gives non-finite "
+        "weights; the adapter seems broken\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
