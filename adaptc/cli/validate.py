@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adaptc.cli._common import add_command, fail
-from adaptc.spec import SpecIssue, check_file, spec_from_data
+from adaptc.spec import SpecIssue, spec_from_data
+from adaptc.spec.errors import one_line
+from adaptc.spec.load import check_file_report
 from adaptc.spec.source import read_document
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         adaptc validate specs/                      # every *.yaml, *.yml, *.json below
         adaptc validate 'specs/**/*.yaml' my.json   # globs and files
         adaptc validate --format github specs/      # annotations in GitHub Actions
+        pre-commit run adaptc-validate --all-files  # the hook in .pre-commit-hooks.yaml
         adaptc validate specs/ --model ./checkpoints/opt-350m  # and their targets match it
         """,
     )
@@ -38,9 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--format",
         choices=("text", "json", "github"),
         default="text",
-        help="text (default), json, or github (::error annotations)",
+        help="text (default), json, or github (::error and ::warning annotations)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the errors")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the errors (no warnings, no summary)"
+    )
     p.add_argument(
         "--model",
         metavar="MODEL",
@@ -83,9 +88,10 @@ def expand(paths: list[str]) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     try:
         files = expand(args.paths)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a path the system refuses (too long)
         return fail("validate", str(exc), 2)
-    results = {str(f): check_file(f) for f in files}
+    reports = {str(f): check_file_report(f) for f in files}
+    results = {name: list(report.errors) for name, report in reports.items()}
     warnings: dict[str, list[str]] = {}
     if args.model:  # only now: the model check needs torch and transformers
         from adaptc.models import ModelError, resolve_model
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "files": [
                 {"file": f, "valid": not issues, "errors": [i.to_dict() for i in issues]}
+                | {"parser_warnings": [i.to_dict() for i in reports[f].warnings]}
                 | ({"warnings": warnings.get(f, [])} if args.model else {})
                 for f, issues in results.items()
             ],
@@ -120,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
             for issue in issues:
                 print(_github(issue) if args.format == "github" else str(issue))
             if not args.quiet:
+                for issue in reports[name].warnings:
+                    github = args.format == "github"
+                    print(_github(issue, "warning") if github else issue.render("warning"))
                 for message in warnings.get(name, []):
                     print(
                         _github_warning(name, message)
@@ -160,7 +170,7 @@ def _check_on_model(
     return issues, warnings
 
 
-def _github(issue: SpecIssue) -> str:
+def _github(issue: SpecIssue, command: str = "error") -> str:
     """A GitHub Actions workflow command: ``::error file=…,line=…,col=…::message``."""
     props = [f"file={_escape_property(issue.file or '')}"]
     if issue.line is not None:
@@ -168,12 +178,13 @@ def _github(issue: SpecIssue) -> str:
     if issue.column is not None:
         props.append(f"col={issue.column}")
     props.append("title=adaptc validate")
-    return f"::error {','.join(props)}::{_escape_data(f'{issue.field}: {issue.message}')}"
+    message = one_line(f"{issue.field}: {issue.message}")
+    return f"::{command} {','.join(props)}::{_escape_data(message)}"
 
 
 def _github_warning(file: str, message: str) -> str:
     props = f"file={_escape_property(file)},title=adaptc validate"
-    return f"::warning {props}::{_escape_data(message)}"
+    return f"::warning {props}::{_escape_data(one_line(message))}"
 
 
 def _escape_data(text: str) -> str:

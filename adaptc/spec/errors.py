@@ -13,9 +13,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-__all__ = ["SpecError", "SpecIssue", "issues_from_validation_error"]
+__all__ = ["SpecError", "SpecIssue", "SpecWarning", "issues_from_validation_error", "one_line"]
 
 Loc = tuple[str | int, ...]
+MAX_ISSUES = 100  # errors reported for one file; the rest are counted in one more line
 # Segments pydantic adds to a location that are not keys in the user's file.
 _INTERNAL_SEGMENT = re.compile(r"^(\[key\]|constrained-\w+|function-\w+\[.*\]|\w+-union\[.*\])$")
 
@@ -31,9 +32,16 @@ class SpecIssue:
     message: str
 
     def __str__(self) -> str:
-        where = [str(p) for p in (self.file, self.line, self.column) if p is not None]
-        head = ":".join(where)
-        return f"{head}: {self.field}: {self.message}" if head else f"{self.field}: {self.message}"
+        return self.render()
+
+    def render(self, severity: str | None = None) -> str:
+        """``file:line:col: [severity: ]field: message``, on one line whatever the key."""
+        where = [one_line(str(p)) for p in (self.file, self.line, self.column) if p is not None]
+        parts = [":".join(where)] if where else []
+        if severity:
+            parts.append(severity)
+        parts += [one_line(self.field), one_line(self.message)]
+        return ": ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +51,25 @@ class SpecIssue:
             "field": self.field,
             "message": self.message,
         }
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``), so
+    that a key such as ``"a\\nb"`` cannot split an issue over two lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class SpecWarning(UserWarning):
+    """A spec loaded, but something in its file deserves a look (e.g. a reused YAML anchor).
+
+    ``load_spec`` reports each such :class:`SpecIssue` as one of these, via :mod:`warnings`.
+    """
+
+    def __init__(self, issue: SpecIssue) -> None:
+        super().__init__(str(issue))
+        self.issue = issue
 
 
 class SpecError(ValueError):
@@ -96,7 +123,18 @@ def issues_from_validation_error(
             out.append(doc.issue(loc, dotted, message, key=key or err["type"] == "missing"))
         else:
             out.append(SpecIssue(None, None, None, dotted, message))
-    return sorted(out, key=lambda i: (i.line or 0, i.column or 0))
+    out.sort(key=lambda i: (i.line or 0, i.column or 0))
+    if len(out) > MAX_ISSUES:  # 20,000 bad names are one mistake made 20,000 times
+        first_unshown = out[MAX_ISSUES]
+        more = SpecIssue(
+            first_unshown.file,
+            first_unshown.line,
+            first_unshown.column,
+            first_unshown.field,
+            f"and {len(out) - MAX_ISSUES} more errors, not shown",
+        )
+        out = [*out[:MAX_ISSUES], more]
+    return out
 
 
 def _is_key(err: ErrorDetails) -> bool:
@@ -198,9 +236,11 @@ def _message(err: ErrorDetails, loc: Loc, model: Any, root: type[BaseModel]) -> 
         if kind == "union_tag_not_found":
             return f"missing 'kind' (one of: {options})"
         tag = str(ctx.get("tag"))
-        return f"unknown kind {tag!r}; expected one of: {options}" + _did_you_mean(tag, tags)
+        return f"unknown kind {_clipped(tag)}; expected one of: {options}" + _did_you_mean(
+            tag, tags
+        )
     if kind == "literal_error" and loc == ("version",):
-        return f"unsupported spec version {value!r}; this adaptc reads version 1"
+        return f"unsupported spec version {_clipped(value)}; this adaptc reads version 1"
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         expected = str(ctx.get("expected", ""))
@@ -210,11 +250,13 @@ def _message(err: ErrorDetails, loc: Loc, model: Any, root: type[BaseModel]) -> 
         return str(ctx.get("error", err["msg"]))
     if kind == "string_pattern_mismatch" and "[key]" in err["loc"] and loc[:1] == ("adapters",):
         return (
-            f"invalid adapter name {value!r}: use letters, digits, '_' and '-', "
+            f"invalid adapter name {_clipped(value)}: use letters, digits, '_' and '-', "
             "starting with a letter or '_' (at most 64 characters)"
         )
     if kind == "string_pattern_mismatch":
-        return f"invalid name {value!r}: no spaces, no empty or leading/trailing '.' segments"
+        return (
+            f"invalid name {_clipped(value)}: no spaces, no empty or leading/trailing '.' segments"
+        )
     simple = {
         "int_type": "expected an integer",
         "float_type": "expected a number",
@@ -273,7 +315,7 @@ def _kind_values(model: Any) -> tuple[Any, ...]:
 
 def _unknown_field(key: str, model: Any, root: type[BaseModel]) -> str:
     fields = _fields(model)
-    message = f"unknown field {key!r}"
+    message = f"unknown field {_clipped(key)}"
     if key in PEFT_RENAMES and PEFT_RENAMES[key] in fields:
         return f"{message}: PEFT's {key!r} is {PEFT_RENAMES[key]!r} in an adaptc spec"
     hint = _did_you_mean(key, fields)
@@ -297,6 +339,12 @@ def _did_you_mean(value: Any, options: Sequence[str]) -> str:
         norm = value.lower().replace("-", "_")
         close = [lowered[norm]] if norm in lowered else []
     return f"; did you mean {close[0]!r}?" if close and close[0] != value else ""
+
+
+def _clipped(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 100 KB key is not repeated whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(value: Any) -> str:

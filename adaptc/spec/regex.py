@@ -33,9 +33,15 @@ def check_pattern(pattern: str) -> str | None:
     except re.error as exc:
         where = f" at position {exc.pos}" if exc.pos is not None else ""
         return f"invalid regex {pattern!r}: {exc.msg}{where}"
+    except OverflowError as exc:  # `a{99999999999}`: the parser raises this, not re.error
+        return f"invalid regex {pattern!r}: {exc}"
     except RecursionError:
         return f"invalid regex {pattern!r}: nested too deeply"
-    if _has_nested_quantifier(_p.parse(pattern)):
+    try:
+        nested = _has_nested_quantifier(_p.parse(pattern))
+    except RecursionError:
+        return f"invalid regex {pattern!r}: nested too deeply"
+    if nested:
         return (
             f"regex {pattern!r} may backtrack catastrophically: it repeats a group that itself "
             "repeats without bound; rewrite it without nested quantifiers"
