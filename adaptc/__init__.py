@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from adaptc.spec import Spec, SpecError, SpecIssue, load_spec
+from adaptc.spec import Spec, SpecError, SpecIssue, SpecWarning, load_spec
 
 if TYPE_CHECKING:
     from adaptc import layers
@@ -92,6 +92,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "SpecIssue",
+    "SpecWarning",
     "__version__",
     "active_adapters",
     "adapter_ids",

@@ -1,7 +1,7 @@
 """The spec language: models, loading with located errors, PEFT conversion."""
 
-from adaptc.spec.errors import SpecError, SpecIssue
-from adaptc.spec.load import check_file, load_spec, spec_from_data
+from adaptc.spec.errors import SpecError, SpecIssue, SpecWarning
+from adaptc.spec.load import FileReport, check_file, check_file_report, load_spec, spec_from_data
 from adaptc.spec.model import (
     AllLinearTargets,
     BaseModelRef,
@@ -18,6 +18,7 @@ from adaptc.spec.schema import json_schema
 __all__ = [
     "AllLinearTargets",
     "BaseModelRef",
+    "FileReport",
     "LayerSelection",
     "LoraAdapter",
     "NameTargets",
@@ -25,8 +26,10 @@ __all__ = [
     "Spec",
     "SpecError",
     "SpecIssue",
+    "SpecWarning",
     "TypeTargets",
     "check_file",
+    "check_file_report",
     "from_peft_config",
     "is_peft_config",
     "json_schema",
