@@ -84,11 +84,9 @@ def merge_checkpoint(
     weights); ``adapter`` picks one adapter of a multi-adapter directory (peft's
     ``DIR/NAME/``); ``progress(n)`` is called after each tensor with the bytes it held.
     """
-    source, out = Path(model_dir), Path(out_dir)
-    shards = shard_names(source)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    spec, name, folder = choose_adapter(resolve_adapter_dir(adapter_dir), adapter)
+    source, out, shards, (spec, name, folder) = _inputs(
+        model_dir, adapter_dir, out_dir, adapter, force
+    )
     weights_path, tensors = _read_weights(folder)
     meta = build_meta_model(spec)
     merger = TensorMerger.fit(meta, spec, name, tensors, weights_path)
@@ -123,11 +121,9 @@ def merge_in_memory(
     the head says nothing). Peak memory is the whole model; the output is that class's
     checkpoint (``save_pretrained``), with the tokenizer and other files copied.
     """
-    source, out = Path(model_dir), Path(out_dir)
-    shards = shard_names(source)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    spec, name, folder = choose_adapter(resolve_adapter_dir(adapter_dir), adapter)
+    source, out, shards, (spec, name, folder) = _inputs(
+        model_dir, adapter_dir, out_dir, adapter, force
+    )
     weights_path, tensors = _read_weights(folder)
     model = build_model(_num_labels(tensors))
     try:
@@ -161,6 +157,22 @@ def merge_in_memory(
         count = sum(len(read_header(staging / shard)[2]) - 1 for shard in written)
     targets = len({b.target for b in adapter_branches(new, name)})
     return MergeReport(out, len(written), count, targets, len(tensors), name)
+
+
+def _inputs(
+    model_dir: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    adapter: str | None,
+    force: bool,
+) -> tuple[Path, Path, list[str], tuple[Spec, str, Path]]:
+    """The checkpoint, the output (refused if it exists, without ``force``), the shards,
+    and the chosen adapter: its one-adapter spec, name and folder."""
+    source, out = Path(model_dir), Path(out_dir)
+    shards = shard_names(source)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    return source, out, shards, choose_adapter(resolve_adapter_dir(adapter_dir), adapter)
 
 
 def _num_labels(tensors: dict[str, torch.Tensor]) -> int | None:
