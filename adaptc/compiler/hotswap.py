@@ -112,7 +112,7 @@ def hotswap(
     """Replace adapter ``adapter`` of ``model`` with the one at ``source``, in place.
 
     ``source`` is an adapter directory (adaptc's or peft's, as ``load_adapter`` reads) or a
-    hub id in the local cache, or a state dict in PEFT's keys with its ``config`` (a PEFT
+    hub id (downloaded as peft does), or a state dict in PEFT's keys with its ``config`` (a PEFT
     ``adapter_config.json`` dict, a spec, or a ``LoraAdapter``). The new adapter may target
     a subset of the old one's layers (the others get zero weights) and have another rank
     (up to the prepared ``max_rank``) or scaling (if prepared). Nothing is written unless
