@@ -21,7 +21,6 @@ __all__ = [
     "HubError",
     "download_file",
     "is_hub_id",
-    "offline",
     "snapshot",
 ]
 
@@ -121,13 +120,6 @@ def download_file(
         )
     except Exception as exc:  # as in snapshot()
         raise HubError(_explain(exc, repo_id, what, revision, filename)) from None
-
-
-def offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set (read by huggingface_hub when it was imported)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _explain(

@@ -182,7 +182,7 @@ def build_model(
         if "Unrecognized configuration class" in str(exc):
             task = f"task_type {task_type}" if task_type else "no task_type"
             raise ModelError(
-                f"{ref}: {_name(auto)} cannot build a {config.model_type!r} model "
+                f"{ref}: {auto.__name__} cannot build a {config.model_type!r} model "
                 f"({type(config).__name__}; the spec has {task}); choose a task_type that fits"
             ) from None
         raise ModelError(f"cannot load the model {ref}: {_first_line(exc)}") from None
@@ -239,10 +239,6 @@ def _from_config(cls: Any, config: Any, kwargs: dict[str, Any]) -> nn.Module:
     if hasattr(cls, "from_config"):  # the auto classes
         return cls.from_config(config, **kwargs)  # type: ignore[no-any-return]
     return cls._from_config(config, **kwargs)  # type: ignore[no-any-return]
-
-
-def _name(cls: Any) -> str:
-    return str(getattr(cls, "__name__", cls))
 
 
 _ARCHITECTURE_TASKS = (

@@ -41,11 +41,9 @@ def spec_source(text: str, cache_dir: str | None = None) -> str:
     ``adaptc_spec.yaml``). Raises ``ValueError`` (one line) when the download fails."""
     from pathlib import Path
 
-    if Path(text).exists() or text.count("/") != 1:
-        return text
     from adaptc.hub import is_hub_id
 
-    if not is_hub_id(text):
+    if Path(text).exists() or text.count("/") != 1 or not is_hub_id(text):
         return text
     from adaptc.io.load import resolve_adapter_dir  # lazily: it imports torch
 

@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     bar = None
     try:
         ref = resolve_model(args.model, cache_dir=args.cache_dir, revision=args.revision)
-        if ref.kind not in ("dir", "hub"):
-            return fail("merge", f"{args.model}: merge needs a checkpoint directory (safetensors)")
-        source = checkpoint_dir(ref)
+        source = checkpoint_dir(ref)  # a directory or a hub id; a factory or config is refused
 
         def meta_model(spec: Spec) -> nn.Module:  # the checkpoint's own class decides
             task = spec.task_type

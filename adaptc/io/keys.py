@@ -21,6 +21,7 @@ from adaptc.layers import LoraBranch
 __all__ = [
     "PREFIX",
     "AdapterKeyError",
+    "adapter_branches",
     "adapter_state_dict",
     "adapter_tensors",
     "without_peft_duplicates",
@@ -38,7 +39,7 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
     """``(PEFT key, tensor of the compiled model)`` for every tensor the adapter file holds."""
     info = _info(model)
     targets = {t.path for t in info.plan.targets if t.adapter == adapter}
-    for branch in _branches(model, adapter):
+    for branch in adapter_branches(model, adapter):
         for name, param in branch.file_tensors():  # cut to the true rank when padded
             yield f"{PREFIX}{branch.target}.{name}", param
     settings = info.spec.adapters[adapter]
@@ -90,7 +91,8 @@ def _info(model: nn.Module) -> Compiled:
     return info
 
 
-def _branches(model: nn.Module, adapter: str) -> list[LoraBranch]:
+def adapter_branches(model: nn.Module, adapter: str) -> list[LoraBranch]:
+    """The adapter's branches, one per target (a shared layer's branch once)."""
     seen: dict[str, LoraBranch] = {}
     for module in model.modules():
         if isinstance(module, LoraBranch) and module.adapter == adapter:

@@ -34,7 +34,7 @@ from torch import nn
 
 from adaptc._io import staged_dir
 from adaptc.compiler.compile import CompileError, compile, merge
-from adaptc.io.keys import PREFIX
+from adaptc.io.keys import PREFIX, adapter_branches
 from adaptc.io.load import (
     AdapterLoadError,
     _load_weights,
@@ -42,7 +42,7 @@ from adaptc.io.load import (
     choose_adapter,
     resolve_adapter_dir,
 )
-from adaptc.io.tensor_merger import DTYPES, TensorMerger, adapter_branches, read_header
+from adaptc.io.tensor_merger import DTYPES, TensorMerger, read_header
 from adaptc.spec import Spec
 
 __all__ = [
@@ -95,7 +95,6 @@ def merge_checkpoint(
         count = 0
         for shard in shards:
             count += _merge_shard(source / shard, staging / shard, merger, progress)
-        merger.check_all_done()
         for item in source.iterdir():  # config, tokenizer, generation config, the index, ...
             if item.name in shards or item.name.startswith("."):
                 continue
@@ -215,7 +214,7 @@ def _merge_shard(
     as it is; untouched tensors are copied in chunks without being decoded.
     """
     count = 0
-    size, raw_header, header = read_header(src)
+    size, raw_header, header = merger.headers[src.name]  # read by check_checkpoint
     with src.open("rb") as fin, dst.open("wb") as fout:
         fout.write(struct.pack("<Q", size) + raw_header)
         start = 8 + size

@@ -25,13 +25,13 @@ from torch import nn
 
 from adaptc.compiler.compile import CompileError, compile, compiled_info
 from adaptc.compiler.passes import merged_layer
-from adaptc.io.keys import PREFIX, adapter_tensors
+from adaptc.io.keys import PREFIX, adapter_branches, adapter_tensors
 from adaptc.io.load import AdapterLoadError, _is_base_tensor
 from adaptc.layers import LoraBranch, rule_for
 from adaptc.plan.plan import PlannedTarget
 from adaptc.spec import Spec
 
-__all__ = ["DTYPES", "TensorMerger", "adapter_branches", "read_header"]
+__all__ = ["DTYPES", "TensorMerger", "read_header"]
 
 
 def read_header(path: Path) -> tuple[int, bytes, dict[str, Any]]:
@@ -91,8 +91,7 @@ class TensorMerger:
         tensors: dict[str, torch.Tensor],
         weights_path: Path,
     ) -> None:
-        self.meta, self.compiled, self.root = meta, compiled, root
-        self.spec, self.adapter = spec, adapter
+        self.root, self.spec, self.adapter = root, spec, adapter
         self.tensors, self.weights_path = tensors, weights_path
         self.prefix = str(getattr(meta, "base_model_prefix", "") or "")
         self.model_keys = set(meta.state_dict(keep_vars=True))
@@ -125,7 +124,7 @@ class TensorMerger:
             else:
                 self.ops[model_key] = _Copy(key)
         self.by_checkpoint_key: dict[str, str] = {}
-        self.done: set[str] = set()
+        self.headers: dict[str, tuple[int, bytes, dict[str, Any]]] = {}  # shard -> header
         self.merged = self.replaced = 0
 
     @classmethod
@@ -181,9 +180,11 @@ class TensorMerger:
                 )
 
     def check_checkpoint(self, source: Path, shards: list[str]) -> None:
-        """Every tensor the merge replaces is in the checkpoint, with the adapter's shape."""
+        """Every tensor the merge replaces is in the checkpoint, with the adapter's shape
+        (the headers read here are kept in ``headers``, for writing)."""
         for shard in shards:
-            _, _, header = read_header(source / shard)
+            self.headers[shard] = read_header(source / shard)
+            header = self.headers[shard][2]
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
@@ -224,7 +225,6 @@ class TensorMerger:
         """The new value of the checkpoint tensor ``key`` (same dtype and shape)."""
         model_key = self.by_checkpoint_key[key]
         op = self.ops[model_key]
-        self.done.add(model_key)
         if isinstance(op, _Copy):
             self.replaced += 1
             return self.tensors[op.key].detach().to(tensor.dtype).contiguous()
@@ -235,14 +235,6 @@ class TensorMerger:
         out = getattr(merged, op.attr)
         assert isinstance(out, torch.Tensor)
         return out.detach().to(tensor.dtype).contiguous()
-
-    def check_all_done(self) -> None:
-        missing = sorted(set(self.ops) - self.done)
-        if missing:
-            raise AdapterLoadError(
-                f"the checkpoint has no tensor for {len(missing)} adapted module(s), "
-                f"e.g. {missing[0]}"
-            )
 
     def _model_key(self, key: str) -> str:
         """Checkpoint keys may lack or carry the base-model prefix (``model.``)."""
@@ -297,11 +289,3 @@ def _roots(meta: nn.Module) -> Iterator[tuple[nn.Module, str, str | None]]:
         yield inner, f"{prefix}.", None
     else:
         yield meta, "", f"{PREFIX}{prefix}."
-
-
-def adapter_branches(model: nn.Module, adapter: str) -> list[LoraBranch]:
-    seen: dict[str, LoraBranch] = {}
-    for module in model.modules():
-        if isinstance(module, LoraBranch) and module.adapter == adapter:
-            seen.setdefault(module.target, module)
-    return list(seen.values())

@@ -37,7 +37,6 @@ __all__ = ["PeftModel", "check_special", "special_forward"]
 _SPECIAL_FORWARD_ARGS = {"alora_offsets": "aLoRA"}
 
 
-# from_pretrained keywords that change nothing offline (adaptc never downloads)
 class PeftModel(nn.Module):
     """PEFT's ``PeftModel(model, peft_config, adapter_name)``, over ``adaptc.compile``.
 
@@ -333,9 +332,9 @@ def adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) 
     subfolder = kwargs.pop("subfolder", None)
     revision = kwargs.pop("revision", None)
     cache_dir = kwargs.pop("cache_dir", None)
+    legacy_token = kwargs.pop("use_auth_token", None)  # peft's older name for ``token``
     token = kwargs.pop("token", None)
-    token = kwargs.pop("use_auth_token", None) if token is None else token
-    kwargs.pop("use_auth_token", None)
+    token = legacy_token if token is None else token
     local_files_only = bool(kwargs.pop("local_files_only", False))
     kwargs.pop("low_cpu_mem_usage", None)
     if kwargs:
