@@ -13,26 +13,24 @@ from adaptc.spec import Spec, SpecError, SpecIssue, SpecWarning, load_spec
 
 if TYPE_CHECKING:
     from adaptc import layers
-    from adaptc.compiler import (
-        AdaptcWarning,
-        CompileError,
-        MergeError,
+    from adaptc.adapters import (
+        HotswapError,
         MixedBatchError,
         active_adapters,
         adapter_ids,
         adapter_names,
         add_adapter,
         combine_adapters,
-        compile,
         delete_adapter,
         disabled,
-        merge,
         mixed_batch,
+        prepare_hotswap,
         set_active,
     )
-    from adaptc.compiler.hotswap import HotswapError, hotswap, prepare_hotswap
+    from adaptc.api import compile, load_adapter, merge
+    from adaptc.compiler import AdaptcWarning, CompileError, MergeError
     from adaptc.counting import print_trainable_parameters, trainable_parameters
-    from adaptc.io import AdapterLoadError, load_adapter, save_adapter
+    from adaptc.io import AdapterLoadError, hotswap, load_adapter_into, save_adapter
     from adaptc.plan.plan import Plan, build_plan
 
 __version__ = "0.1.0"
@@ -42,26 +40,27 @@ _LAZY = {
     "layers": "adaptc.layers",
     "AdaptcWarning": "adaptc.compiler",
     "CompileError": "adaptc.compiler",
-    "HotswapError": "adaptc.compiler.hotswap",
-    "hotswap": "adaptc.compiler.hotswap",
-    "prepare_hotswap": "adaptc.compiler.hotswap",
     "MergeError": "adaptc.compiler",
-    "MixedBatchError": "adaptc.compiler",
-    "adapter_ids": "adaptc.compiler",
-    "adapter_names": "adaptc.compiler",
-    "mixed_batch": "adaptc.compiler",
-    "active_adapters": "adaptc.compiler",
-    "add_adapter": "adaptc.compiler",
-    "delete_adapter": "adaptc.compiler",
-    "combine_adapters": "adaptc.compiler",
-    "compile": "adaptc.compiler",
-    "disabled": "adaptc.compiler",
-    "merge": "adaptc.compiler",
-    "set_active": "adaptc.compiler",
+    "compile": "adaptc.api",
+    "merge": "adaptc.api",
+    "load_adapter": "adaptc.api",
+    "HotswapError": "adaptc.adapters",
+    "prepare_hotswap": "adaptc.adapters",
+    "MixedBatchError": "adaptc.adapters",
+    "adapter_ids": "adaptc.adapters",
+    "adapter_names": "adaptc.adapters",
+    "mixed_batch": "adaptc.adapters",
+    "active_adapters": "adaptc.adapters",
+    "add_adapter": "adaptc.adapters",
+    "delete_adapter": "adaptc.adapters",
+    "combine_adapters": "adaptc.adapters",
+    "disabled": "adaptc.adapters",
+    "set_active": "adaptc.adapters",
     "print_trainable_parameters": "adaptc.counting",
     "trainable_parameters": "adaptc.counting",
     "AdapterLoadError": "adaptc.io",
-    "load_adapter": "adaptc.io",
+    "hotswap": "adaptc.io",
+    "load_adapter_into": "adaptc.io",
     "save_adapter": "adaptc.io",
     "Plan": "adaptc.plan.plan",
     "build_plan": "adaptc.plan.plan",
@@ -106,6 +105,7 @@ __all__ = [
     "hotswap",
     "layers",
     "load_adapter",
+    "load_adapter_into",
     "load_spec",
     "merge",
     "mixed_batch",

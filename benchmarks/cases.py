@@ -26,6 +26,7 @@ import torch
 import transformers as tf
 
 import adaptc
+from adaptc.methods.lora.branch import LoraBranch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -149,7 +150,7 @@ def pair(s: Settings, dropout: float = 0.0) -> tuple[torch.nn.Module, Any, torch
     with torch.no_grad():
         layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)}  # fmt: skip
-        for branch in [m for m in ours.modules() if isinstance(m, adaptc.layers.LoraBranch)]:
+        for branch in [m for m in ours.modules() if isinstance(m, LoraBranch)]:
             layer = layers[branch.target]
             b = torch.randn_like(layer.lora_B["default"].weight) * 0.01
             layer.lora_B["default"].weight.copy_(b)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cases import Settings, median_time
 
 import adaptc
-from adaptc.compiler.mixed import mixed_batch
+from adaptc.adapters.mixed import mixed_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_ADAPTERS = 8
@@ -85,7 +85,7 @@ def build(
             theirs.add_adapter(n, config)
     theirs.eval()
     # the same adapter weights in both
-    from adaptc.io.keys import adapter_tensors
+    from adaptc.adapters.keys import adapter_tensors
 
     state = theirs.state_dict()
     with torch.no_grad():

@@ -41,6 +41,7 @@ def spec_source(text: str, cache_dir: str | None = None) -> str:
     ``adaptc_spec.yaml``). Raises ``ValueError`` (one line) when the download fails."""
     from pathlib import Path
 
+    # lazily: huggingface_hub is imported when needed
     from adaptc.hub import is_hub_id
 
     if Path(text).exists() or text.count("/") != 1 or not is_hub_id(text):

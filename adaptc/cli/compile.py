@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.compiler.compile import compiled_info
     from adaptc.counting import trainable_line
     from adaptc.models import DTYPES, build_model, dtype_name, model_dtype, resolve_model

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from adaptc._io import atomic_write_text
+from adaptc.atomic import atomic_write_text
 from adaptc.cli._common import add_command, fail, spec_source
 from adaptc.spec import Spec, SpecError, is_peft_config, spec_from_data
 from adaptc.spec.dump import dump_spec

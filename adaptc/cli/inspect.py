@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import build_model, resolve_model, saved_task_type
 
     try:
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
-    from adaptc.layers import rule_for
-
     """What ``inspect`` prints, as data."""
+    from adaptc.methods.lora.method import rule_for  # lazily: it imports torch
+
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or None
     default = LORA_TARGET_MODULES.get(model_type) if model_type else None

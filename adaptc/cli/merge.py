@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.io.load import AdapterLoadError
     from adaptc.io.merge_checkpoint import merge_checkpoint, merge_in_memory, shard_names
     from adaptc.models import ModelError, build_model, checkpoint_dir, model_class, resolve_model

@@ -15,6 +15,7 @@ from adaptc.spec import Spec, SpecError
 if TYPE_CHECKING:
     import torch
 
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import MemoryEstimate
 
 _GIB = 1024**3
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.counting import trainable_line
     from adaptc.models import (
         DTYPES,
@@ -130,6 +132,7 @@ def model_of(spec: Spec, model: str | None, revision: str | None) -> tuple[str |
 
 
 def memory_table(memory: dict[str, MemoryEstimate], dtype: torch.dtype) -> str:
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import dtype_name
 
     rows: list[tuple[str, ...]] = [("memory to train", "weights", "gradients", "AdamW", "total")]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from adaptc._io import atomic_write_text
+from adaptc.atomic import atomic_write_text
 from adaptc.cli._common import add_command, fail
 from adaptc.spec.docs import field_reference, splice_reference
 from adaptc.spec.schema import json_schema_text

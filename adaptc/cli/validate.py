@@ -17,6 +17,7 @@ from adaptc.spec.source import read_document
 if TYPE_CHECKING:
     from torch import nn
 
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import ModelError, ModelRef
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     results = {name: list(report.errors) for name, report in reports.items()}
     warnings: dict[str, list[str]] = {}
     if args.model:  # only now: the model check needs torch and transformers
+        # lazily: the library imports torch; the CLI starts without it
         from adaptc.models import ModelError, resolve_model
 
         try:
@@ -145,6 +147,7 @@ def _check_on_model(
     path: Path, ref: ModelRef, models: dict[str | None, nn.Module | ModelError]
 ) -> tuple[list[SpecIssue], list[str]]:
     """Plan each adapter of a valid spec on the model: (errors, warnings)."""
+    # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import ModelError, build_model
     from adaptc.plan.plan import build_plan
 

@@ -17,14 +17,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["share_clone", "share_parameter"]
+from adaptc.layers import find_kind, share_parameter
+
+__all__ = ["share_clone"]
 
 _HOOK_CONTAINERS = (dict, set)
-
-
-def share_parameter(param: nn.Parameter, *, requires_grad: bool = False) -> nn.Parameter:
-    """A new Parameter object over ``param``'s storage."""
-    return nn.Parameter(param.detach(), requires_grad=requires_grad)
 
 
 def share_clone(model: nn.Module) -> nn.Module:
@@ -59,7 +56,8 @@ class _Cloner:
             elif _holds_handles(value):  # e.g. transformers' _require_grads_hooks
                 self.handles.append((new.__dict__, key))
         state["_parameters"] = {
-            name: None if p is None else self.param(p) for name, p in module._parameters.items()
+            name: None if p is None else self.param(module, name, p)
+            for name, p in module._parameters.items()
         }
         state["_buffers"] = {
             name: _own_buffer(module, name, b) for name, b in module._buffers.items()
@@ -92,9 +90,13 @@ class _Cloner:
         self.new_handles[id(handle)] = new
         return new
 
-    def param(self, p: nn.Parameter) -> nn.Parameter:
+    def param(self, module: nn.Module, name: str, p: nn.Parameter) -> nn.Parameter:
+        """The copy's frozen parameter: shared as the module's layer kind shares it (a
+        quantized kind keeps its subclass and state), plainly for any other module."""
         if id(p) not in self.params:
-            self.params[id(p)] = share_parameter(p)
+            kind = find_kind(module)
+            shared = share_parameter(p) if kind is None else kind.share_parameter(module, name, p)
+            self.params[id(p)] = shared
         return self.params[id(p)]
 
     def config(self, value: Any) -> Any:

@@ -20,39 +20,74 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from adaptc.compiler import retrace  # noqa: F401  (installs the pattern hooks)
 from adaptc.compiler.clone import share_clone
-from adaptc.compiler.passes import branches_of, merge_graph, merged_layer
+from adaptc.compiler.errors import AdaptcWarning, CompileError
+from adaptc.compiler.passes import SiteEmitter, insert_branches, merge_graph, merged_layer
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
-from adaptc.layers import LoraBranch, rule_for
-from adaptc.plan.plan import Plan, build_plan
+from adaptc.layers import kind_of
+from adaptc.methods.base import Branch
+from adaptc.methods.registry import branches_of, method
+from adaptc.plan.plan import Plan, PlannedTarget, build_plan
 from adaptc.spec import Spec, load_spec
 
-__all__ = ["AdaptcWarning", "CompileError", "Compiled", "compile", "compiled_info", "merge"]
-
-
-class CompileError(ValueError):
-    """The spec cannot be compiled onto this model (one line, says what and where)."""
-
-
-class AdaptcWarning(UserWarning):
-    """Something worth knowing that does not stop compilation."""
+__all__ = [
+    "AdaptcWarning",
+    "CompileError",
+    "Compiled",
+    "attach_branch",
+    "compile",
+    "compiled",
+    "compiled_info",
+    "merge",
+    "rebuild",
+]
 
 
 @dataclass
 class Compiled:
-    """What the compiler knows about a model it produced (kept on the model's root)."""
+    """What adaptc knows about a model it produced, kept on the model's root: the one
+    place the state of a compiled model lives (:func:`compiled` reads it)."""
 
-    spec: Spec
-    plan: Plan
-    active: tuple[str, ...]
+    spec: Spec  # every adapter the model carries
+    plan: Plan  # where each adapter's branches are
+    active: tuple[str, ...]  # the adapters the graphs run
+    mixed: Any = None  # the state of a running mixed batch (adaptc.adapters.mixed), if any
+
+
+_STATE = "_adaptc"  # the root module's __dict__ key
 
 
 def compiled_info(model: nn.Module) -> Compiled | None:
-    info = model.__dict__.get("_adaptc")
+    """The state of a compiled model, or None for any other model."""
+    info = model.__dict__.get(_STATE)
     return info if isinstance(info, Compiled) else None
+
+
+def compiled(model: nn.Module, what: str = "this") -> Compiled:
+    """The state of a compiled model; a :class:`CompileError` naming ``what`` otherwise."""
+    info = compiled_info(getattr(model, "_orig_mod", model))
+    if info is None:
+        raise CompileError(
+            f"{what} takes a model returned by adaptc.compile() or adaptc.load_adapter(), "
+            f"not a {type(model).__name__}"
+        )
+    return info
+
+
+def rebuild(model: nn.Module, active: tuple[str, ...], *, site: SiteEmitter | None = None) -> None:
+    """Re-emit every adapted graph of ``model`` with the branches of ``active`` (``site``:
+    one node per target call instead, as a mixed batch emits) and point ``modules_to_save``
+    wrappers at the first active adapter that has a copy (or the frozen original)."""
+    for module in model.modules():
+        if is_adapted_graph(module):
+            assert isinstance(module, fx.GraphModule)
+            insert_branches(module, active, site=site)
+        elif isinstance(module, ModulesToSave):
+            module.active_adapter = next((a for a in active if a in module.modules_to_save), None)
 
 
 def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
@@ -87,19 +122,16 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     except ValueError as exc:
         raise CompileError(str(exc)) from None
     for message in plan.warnings:
-        warnings.warn(message, AdaptcWarning, stacklevel=3)
+        warnings.warn(message, AdaptcWarning, stacklevel=4)  # the caller of adaptc.compile
     new = share_clone(model)
     modules = dict(new.named_modules(remove_duplicate=False))
-    targets = _attach_branches(modules, plan, spec)
+    targets = _attach_branches(modules, plan)
     _make_biases_trainable(new, plan)
     wrappers = _wrap_modules_to_save(new, plan)
     holders = _holders(new, targets)
     active = (next(iter(spec.adapters)),)
     root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active)
-    root.__dict__["_adaptc"] = Compiled(spec, plan, active)
-    from adaptc.integrations.transformers import on_compile  # trainers save the adapter
-
-    on_compile(root)
+    root.__dict__[_STATE] = Compiled(spec, plan, active)
     return merge(root) if spec.merge else root
 
 
@@ -115,9 +147,7 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
 
 
 def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Module:
-    info = compiled_info(model)
-    if info is None:
-        raise CompileError("merge() takes a model returned by adaptc.compile()")
+    info = compiled(model, "merge()")
     names = adapters if adapters is not None else list(info.active)
     new = share_clone(model)
     for module in list(new.modules()):
@@ -128,17 +158,14 @@ def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Mo
                 module._modules["base_layer"] = merged_layer(layer, names, safe=safe)
         elif is_adapted_graph(module):
             merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
-    new = _unwrap_adapted_layers(new)
-    new.__dict__.pop("_adaptc", None)  # a plain model: it can be compiled again
+    new = unwrap_adapted_layers(new)
+    new.__dict__.pop(_STATE, None)  # a plain model: it can be compiled again
     drop_checkpoint_hooks(new)  # the base model did not have them
-    from adaptc.integrations.transformers import on_merge  # it saves in full again
-
-    on_merge(new)
     return new
 
 
 def _check_not_compiled(model: nn.Module, spec: Spec) -> None:
-    existing = {m.adapter for m in model.modules() if isinstance(m, LoraBranch)}
+    existing = {m.adapter for m in model.modules() if isinstance(m, Branch)}
     twice = sorted(existing & set(spec.adapters))
     if twice:
         raise CompileError(
@@ -152,21 +179,23 @@ def _check_not_compiled(model: nn.Module, spec: Spec) -> None:
         )
 
 
-def _attach_branches(modules: dict[str, nn.Module], plan: Plan, spec: Spec) -> set[int]:
+def _attach_branches(modules: dict[str, nn.Module], plan: Plan) -> set[int]:
     """Build each planned branch under its (copied) layer; returns the ids of target layers."""
     leaves: set[int] = set()
     for target in plan.targets:
-        layer = modules[target.path]
-        rule = rule_for(layer)
-        assert rule is not None
-        branch, replaced = rule.make_branch(
-            layer, target.branch_config(spec.adapters[target.adapter])
-        )
-        for name, tensor in replaced.items():  # PiSSA/OLoRA residuals: new tensors, ours only
-            layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-        layer.add_module(f"lora_{target.adapter}", branch)
-        leaves.add(id(layer))
+        attach_branch(modules[target.path], target)
+        leaves.add(id(modules[target.path]))
     return leaves
+
+
+def attach_branch(layer: nn.Module, target: PlannedTarget) -> Branch:
+    """Build ``target``'s branch under ``layer`` (a layer of the compiled model)."""
+    entry = method(target.method)
+    branch, replaced = entry.make_branch(kind_of(layer, target.path), layer, target.settings)
+    for name, tensor in replaced.items():  # PiSSA/OLoRA residuals: new tensors, ours only
+        layer._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    layer.add_module(entry.child_name(target.adapter), branch)
+    return branch
 
 
 def _make_biases_trainable(model: nn.Module, plan: Plan) -> None:
@@ -205,7 +234,7 @@ def _holders(model: nn.Module, leaves: set[int]) -> set[int]:
     return holders
 
 
-def _unwrap_adapted_layers(model: nn.Module) -> nn.Module:
+def unwrap_adapted_layers(model: nn.Module) -> nn.Module:
     """After merging, an ``AdaptedLayer`` is just its layer and a saved module its active
     copy: put them back in their places, so the model has the original's structure."""
 

@@ -1,4 +1,4 @@
-"""Passes over the compiler's graph modules: insert the LoRA branches, merge them away.
+"""Passes over the compiler's graph modules: insert the adapters' branches, merge them away.
 
 Each adapted graph module keeps its base graph (no adapter nodes) in
 ``meta["adaptc"]["base_graph"]``; both passes start from it, so switching adapters or
@@ -17,30 +17,29 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-from adaptc.compiler.patterns import Key, PatternGraphModule, patterns_of, set_patterns
+from adaptc.compiler.codecache import CachedGraphModule
+from adaptc.compiler.patterns import HOOKS, Key, PatternGraphModule, patterns_of, set_patterns
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.layers import LoraBranch, rule_for
+from adaptc.layers import kind_of
+from adaptc.methods.base import Branch
+from adaptc.methods.registry import branches_of, method_of
 
 __all__ = [
     "MergeError",
+    "SiteEmitter",
     "add_pattern",
-    "branches_of",
     "insert_branches",
     "merge_graph",
     "target_nodes",
 ]
 
+# site(graph, x, call, layer path, layer) -> the node holding the layer's new output: one
+# node per target call instead of one branch per adapter (a mixed batch's form)
+SiteEmitter = Callable[[fx.Graph, fx.Node, fx.Node, str, nn.Module], fx.Node]
+
 
 class MergeError(ValueError):
     """A merged weight is not finite (safe merge)."""
-
-
-def branches_of(layer: nn.Module, adapters: Sequence[str] | None = None) -> list[LoraBranch]:
-    """The branches hanging under ``layer``, in ``adapters`` order (all when None)."""
-    found = {b.adapter: b for b in layer.children() if isinstance(b, LoraBranch)}
-    if adapters is None:
-        return list(found.values())
-    return [found[a] for a in adapters if a in found]
 
 
 def target_nodes(
@@ -57,7 +56,9 @@ def target_nodes(
                 yield node, module
 
 
-def insert_branches(gm: fx.GraphModule, active: Sequence[str], *, mixed: bool = False) -> int:
+def insert_branches(
+    gm: fx.GraphModule, active: Sequence[str], *, site: SiteEmitter | None = None
+) -> int:
     """Rebuild ``gm``'s graph from its base graph with the branches of ``active`` adapters.
 
     Before (a traced MLP whose ``fc`` is a target)::
@@ -78,23 +79,23 @@ def insert_branches(gm: fx.GraphModule, active: Sequence[str], *, mixed: bool = 
             relu = torch.relu(add);  add = None
             return relu
 
-    With ``mixed``, each target call gets one node that adds every sample's own adapter
-    term instead (see :mod:`adaptc.compiler.mixed`). The graphs of the module's other
+    With ``site``, each target call gets the node(s) ``site`` emits instead (a mixed
+    batch's one node per call, :mod:`adaptc.adapters.mixed`). The graphs of the module's other
     argument patterns are rebuilt alike. Returns the number of branch sites emitted in
     the main graph (a layer called twice counts twice).
     """
     graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
-    sites = emit_branches(graph, gm.get_submodule, active, mixed=mixed)
+    sites = emit_branches(graph, gm.get_submodule, active, site=site)
     patterns = patterns_of(gm)
     if patterns is None:
         set_graph(gm, graph)
         return sites
     assert isinstance(gm, PatternGraphModule)
     others = {
-        key: None if base is None else _emitted(gm, base, active, mixed)
+        key: None if base is None else _emitted(gm, base, active, site)
         for key, base in patterns.graphs.items()
     }
-    set_patterns(gm, dataclasses.replace(patterns, emitted=(tuple(active), mixed)))
+    set_patterns(gm, dataclasses.replace(patterns, emitted=(tuple(active), site)))
     gm.set_graphs(graph, others)
     return sites
 
@@ -104,15 +105,17 @@ def add_pattern(gm: PatternGraphModule, key: Key, base: fx.Graph | None) -> None
     adapters the module's other graphs carry."""
     patterns = patterns_of(gm)
     assert patterns is not None and key not in patterns.graphs and key != patterns.main
-    active, mixed = patterns.emitted
-    emitted = None if base is None else _emitted(gm, base, active, mixed)
+    active, site = patterns.emitted
+    emitted = None if base is None else _emitted(gm, base, active, site)
     set_patterns(gm, dataclasses.replace(patterns, graphs={**patterns.graphs, key: base}))
     gm.set_graphs(gm.graph, {**gm.pattern_graphs, key: emitted})
 
 
-def _emitted(gm: fx.GraphModule, base: fx.Graph, active: Sequence[str], mixed: bool) -> fx.Graph:
+def _emitted(
+    gm: fx.GraphModule, base: fx.Graph, active: Sequence[str], site: SiteEmitter | None
+) -> fx.Graph:
     graph = copy.deepcopy(base)
-    emit_branches(graph, gm.get_submodule, active, mixed=mixed)
+    emit_branches(graph, gm.get_submodule, active, site=site)
     return graph
 
 
@@ -121,39 +124,41 @@ def emit_branches(
     lookup: Callable[[str], nn.Module],
     active: Sequence[str],
     *,
-    mixed: bool = False,
+    site: SiteEmitter | None = None,
 ) -> int:
-    """Emit the branches of ``active`` adapters into ``graph`` (in place); lint it."""
+    """Emit the branches of ``active`` adapters into ``graph`` (in place); lint it.
+
+    Each branch is emitted by its method, in ``active`` order, on the output so far."""
     sites = 0
     for node, layer in target_nodes(lookup, graph):
-        rule = rule_for(layer)
-        assert rule is not None, f"no rule for {type(layer).__name__}"
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
         assert isinstance(x, fx.Node)
-        current = node
-        if mixed:
-            from adaptc.compiler.mixed import emit_mixed
-
-            out = emit_mixed(graph, x, node, str(node.target), layer)
+        if site is not None:
+            out = site(graph, x, node, str(node.target), layer)
             node.replace_all_uses_with(out, delete_user_cb=_outside({out}))
             sites += 1
             continue
+        kind = kind_of(layer, str(node.target))
+        current = node
         for branch in branches_of(layer, active):
+            entry = method_of(branch)
             before = set(graph.nodes)
-            out = rule.emit(
+            out = entry.emit(
                 graph,
+                node,
                 x,
                 current,
+                kind=kind,
                 base=layer,
-                base_path=str(node.target),
                 branch=branch,
-                branch_path=f"{node.target}.lora_{branch.adapter}",
+                branch_path=f"{node.target}.{entry.child_name(branch.adapter)}",
             )
             new = set(graph.nodes) - before
             for n in new:
                 n.meta["adaptc"] = {"adapter": branch.adapter, "target": branch.target}
-            current.replace_all_uses_with(out, delete_user_cb=_outside(new))
-            current = out
+            if out is not current:
+                current.replace_all_uses_with(out, delete_user_cb=_outside(new))
+                current = out
             sites += 1
     graph.lint()
     return sites
@@ -176,8 +181,6 @@ def set_graph(gm: fx.GraphModule, graph: fx.Graph) -> None:
     (:class:`~adaptc.compiler.codecache.CachedGraphModule`) share those classes across
     instances with identical graphs; any other graph module gets classes of its own.
     """
-    from adaptc.compiler.codecache import CachedGraphModule
-
     if isinstance(gm, CachedGraphModule):
         gm.graph = graph  # the setter recompiles: a cached class, or a fresh one
         return
@@ -223,7 +226,7 @@ def _branch_holders(gm: fx.GraphModule) -> list[tuple[str, nn.Module]]:
     while stack:
         prefix, module = stack.pop()
         for name, child in module._modules.items():
-            if child is None or isinstance(child, (LoraBranch, ModulesToSave, fx.GraphModule)):
+            if child is None or isinstance(child, (Branch, ModulesToSave, fx.GraphModule)):
                 continue
             if branches_of(child):
                 found.append((prefix + name, child))
@@ -233,19 +236,15 @@ def _branch_holders(gm: fx.GraphModule) -> list[tuple[str, nn.Module]]:
 
 
 def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn.Module:
-    """A copy of ``layer`` with the branches of ``adapters`` merged in and none attached."""
-    rule = rule_for(layer)
-    assert rule is not None
-    weight = layer.weight
+    """A copy of ``layer`` with the branches of ``adapters`` merged in and none attached.
+
+    Each branch's method folds it into the weights read by the layer's kind, in order
+    (additive methods add ``s·ΔW``, multiplicative ones scale); the kind writes them back."""
+    kind = kind_of(layer)
+    weight = kind.weight(layer)
     bias = getattr(layer, "bias", None)
-    assert isinstance(weight, torch.Tensor)
     for branch in branches_of(layer, adapters):
-        result = rule.merge(layer, branch, weight)
-        weight = result.weight
-        if result.bias is not None:  # rules add to the layer's own bias: accumulate the deltas
-            own = layer.bias
-            assert bias is not None and isinstance(own, torch.Tensor)
-            bias = bias + (result.bias - own)
+        weight, bias = method_of(branch).merge(kind, layer, branch, weight, bias)
         if safe and not (
             torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
         ):
@@ -253,17 +252,17 @@ def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn
                 f"merging adapter {branch.adapter!r} into {branch.target} gives non-finite "
                 "weights; the adapter seems broken"
             )
-    new = copy.copy(layer)  # shallow: a new __dict__, same tensors until replaced below
-    new._modules = {k: m for k, m in layer._modules.items() if not isinstance(m, LoraBranch)}
-    new._parameters = dict(layer._parameters)
-    new._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None and "bias" in new._parameters:
-        new._parameters["bias"] = (
-            bias
-            if isinstance(bias, nn.Parameter) and bias is layer.bias
-            else nn.Parameter(bias.detach(), requires_grad=False)
-        )
-    for hooks in ("_forward_hooks", "_forward_pre_hooks"):
-        if hooks in new.__dict__:
-            new.__dict__[hooks] = copy.copy(new.__dict__[hooks])
+    new = kind.with_weights(layer, weight, bias)
+    new._modules = {k: m for k, m in new._modules.items() if not isinstance(m, Branch)}
     return new
+
+
+def _rebuild_patterns(gm: PatternGraphModule) -> None:
+    """Emit every graph of ``gm`` again from its base graphs (after a copy or unpickling)."""
+    patterns = patterns_of(gm)
+    assert patterns is not None
+    active, site = patterns.emitted
+    insert_branches(gm, active, site=site)
+
+
+HOOKS.rebuild = _rebuild_patterns

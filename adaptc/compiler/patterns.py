@@ -42,8 +42,10 @@ from torch.fx._symbolic_trace import PH
 from adaptc.compiler.codecache import CachedGraphModule, code_key, forward_of
 
 __all__ = [
+    "HOOKS",
     "MAX_PATTERNS",
     "VALUE",
+    "Hooks",
     "PatternGraphModule",
     "Patterns",
     "kind",
@@ -95,7 +97,8 @@ class Patterns:
     main: Key  # the pattern of the module's own graph (``meta["adaptc"]["base_graph"]``)
     # every other pattern met: its graph without adapters, or None where it does not trace
     graphs: dict[Key, fx.Graph | None] = field(default_factory=dict)
-    emitted: tuple[tuple[str, ...], bool] = ((), False)  # (active adapters, mixed) of all graphs
+    # (active adapters, the site emitter or None) that all graphs were emitted with
+    emitted: tuple[tuple[str, ...], Any] = ((), None)
 
     def concrete_args(self, key: Key) -> dict[str, Any]:
         """fx ``concrete_args`` that trace ``key``: values fixed, a placeholder for VALUE."""
@@ -124,6 +127,19 @@ def patterns_of(gm: nn.Module) -> Patterns | None:
 def set_patterns(gm: fx.GraphModule, patterns: Patterns) -> None:
     """Record ``patterns`` on ``gm`` alone (its ``meta`` may be shared with copies)."""
     gm.meta = {**gm.meta, "adaptc": {**gm.meta["adaptc"], "patterns": patterns}}
+
+
+@dataclass
+class Hooks:
+    """What a pattern graph module calls in the modules that build it (which import this
+    one): set when they are imported (:mod:`adaptc.compiler.passes`, ``retrace``)."""
+
+    rebuild: Callable[[PatternGraphModule], None] | None = None  # re-emit every graph
+    new_pattern: Callable[[PatternGraphModule, Key, tuple[Any, ...]], Any] | None = None
+    untraced: Callable[[PatternGraphModule, tuple[Any, ...]], Any] | None = None
+
+
+HOOKS = Hooks()
 
 
 class PatternGraphModule(CachedGraphModule):
@@ -208,12 +224,8 @@ def _restore(base: type[PatternGraphModule], name: str, state: dict[str, Any]) -
 
 def _rebuild(gm: PatternGraphModule) -> None:
     """Emit every graph again from the base graphs (after a copy or unpickling)."""
-    from adaptc.compiler.passes import insert_branches  # passes imports this module
-
-    patterns = patterns_of(gm)
-    assert patterns is not None
-    active, mixed = patterns.emitted
-    insert_branches(gm, active, mixed=mixed)
+    assert HOOKS.rebuild is not None, "adaptc.compiler.passes sets it on import"
+    HOOKS.rebuild(gm)
 
 
 def _base_class(cls: type) -> type:
@@ -278,12 +290,10 @@ def _disabled() -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 def _new_pattern(gm: PatternGraphModule, key: Key, args: tuple[Any, ...]) -> Any:
-    from adaptc.compiler.retrace import call_new_pattern  # it imports this module
-
-    return call_new_pattern(gm, key, args)
+    assert HOOKS.new_pattern is not None, "adaptc.compiler.retrace sets it on import"
+    return HOOKS.new_pattern(gm, key, args)
 
 
 def _untraced(gm: PatternGraphModule, *args: Any) -> Any:
-    from adaptc.compiler.retrace import run_untraced  # it imports this module
-
-    return run_untraced(gm, args)
+    assert HOOKS.untraced is not None, "adaptc.compiler.retrace sets it on import"
+    return HOOKS.untraced(gm, args)

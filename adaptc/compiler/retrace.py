@@ -18,12 +18,20 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from adaptc.compiler.compile import AdaptcWarning
-from adaptc.compiler.passes import add_pattern, branches_of, insert_branches
-from adaptc.compiler.patterns import MAX_PATTERNS, Key, PatternGraphModule, Patterns, patterns_of
+from adaptc.compiler.errors import AdaptcWarning
+from adaptc.compiler.passes import add_pattern, insert_branches
+from adaptc.compiler.patterns import (
+    HOOKS,
+    MAX_PATTERNS,
+    Key,
+    PatternGraphModule,
+    Patterns,
+    patterns_of,
+)
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.compiler.trace import _trace_both_modes, _wrap_leaf
-from adaptc.layers import LoraBranch
+from adaptc.compiler.trace import trace_both_modes, wrap_leaf
+from adaptc.methods.base import Branch
+from adaptc.methods.registry import branches_of
 
 __all__ = ["call_new_pattern", "retrace", "run_untraced"]
 
@@ -58,7 +66,7 @@ def retrace(gm: PatternGraphModule, patterns: Patterns, key: Key) -> fx.Graph | 
             leaves.add(id(gm.get_submodule(path)))
         except AttributeError:
             continue
-    graph = _trace_both_modes(source, leaves, patterns.concrete_args(key))
+    graph = trace_both_modes(source, leaves, patterns.concrete_args(key))
     if graph is None:
         return None
     for node in graph.nodes:  # constants the trace kept on the copy (``_tensor_constant0``)
@@ -80,7 +88,7 @@ def run_untraced(gm: PatternGraphModule, args: tuple[Any, ...]) -> Any:
     graphs carry. Built per call: it follows switches, merges and modes."""
     patterns = patterns_of(gm)
     assert patterns is not None
-    active, mixed = patterns.emitted
+    active, site = patterns.emitted
     done: dict[int, nn.Module] = {}
 
     def wrapped(module: nn.Module) -> nn.Module:
@@ -88,8 +96,8 @@ def run_untraced(gm: PatternGraphModule, args: tuple[Any, ...]) -> Any:
             return done[id(module)]
         result = module
         if branches_of(module):
-            result = _wrap_leaf(module)
-            insert_branches(result, active, mixed=mixed)
+            result = wrap_leaf(module)
+            insert_branches(result, active, site=site)
         elif not _opaque(module):
             children = {n: c if c is None else wrapped(c) for n, c in module._modules.items()}
             if any(children[n] is not c for n, c in module._modules.items()):
@@ -127,9 +135,7 @@ def _as_traced(gm: fx.GraphModule, patterns: Patterns, modules: dict[str, Any]) 
 
 def _opaque(module: nn.Module) -> bool:
     """Modules a new trace must not enter: targets, saved modules, graphs of their own."""
-    return isinstance(module, (LoraBranch, ModulesToSave, fx.GraphModule)) or bool(
-        branches_of(module)
-    )
+    return isinstance(module, (Branch, ModulesToSave, fx.GraphModule)) or bool(branches_of(module))
 
 
 def _has_attr(module: nn.Module, path: str) -> bool:
@@ -150,3 +156,7 @@ def _warn_once(patterns: Patterns, key: Key, why: str) -> None:
         AdaptcWarning,
         stacklevel=2,
     )
+
+
+HOOKS.new_pattern = call_new_pattern
+HOOKS.untraced = run_untraced

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,15 +24,20 @@ class ModulesToSave(nn.Module):
     def __init__(self, original: nn.Module, adapters: Sequence[str]) -> None:
         super().__init__()
         self.original_module = original
-        self.modules_to_save = nn.ModuleDict({a: _trainable_copy(original) for a in adapters})
+        self.modules_to_save = nn.ModuleDict({a: trainable_copy(original) for a in adapters})
         self.active_adapter: str | None = adapters[0] if adapters else None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        state = self.__dict__.get("_adaptc_mixed")
-        if state is not None and state.ids is not None:  # a mixed batch (adaptc.mixed_batch)
-            from adaptc.compiler.mixed import mixed_saved_forward
+    # set (in the instance's __dict__) while an operation routes the calls, e.g. a mixed
+    # batch (adaptc.adapters.mixed): route(wrapper, args, kwargs) -> output, or
+    # NotImplemented to run the active copy
+    route: Callable[[ModulesToSave, tuple[Any, ...], dict[str, Any]], Any] | None = None
 
-            return mixed_saved_forward(self, state, args, kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        route = self.__dict__.get("route")
+        if route is not None:
+            out = route(self, args, kwargs)
+            if out is not NotImplemented:
+                return out
         return self.active_module(*args, **kwargs)
 
     @property
@@ -51,7 +56,7 @@ class ModulesToSave(nn.Module):
             return getattr(self.active_module, name)
 
 
-def _trainable_copy(module: nn.Module) -> nn.Module:
+def trainable_copy(module: nn.Module) -> nn.Module:
     twin = copy.deepcopy(module)  # new storage for every tensor
     for p in twin.parameters():
         p.requires_grad_(True)

@@ -87,7 +87,7 @@ def frontier(
         if id(module) in done:  # a module shared by several parents is rewritten once
             return done[id(module)]
         if id(module) in targets:
-            result: nn.Module = _wrap_leaf(module, active)
+            result: nn.Module = wrap_leaf(module, active)
         else:
             traced = _try_trace(module, leaves, active, traces)
             if traced is not None:
@@ -173,7 +173,7 @@ def _try_trace(
             sensitive=tuple(fixed),
             leaves=tuple(p for p, m in module.named_modules() if id(m) in leaves),
             main=tuple(kind(value) for value in fixed.values()),
-            emitted=(tuple(active), False),
+            emitted=(tuple(active), None),
         )
     return _graph_module(module, graph, type(module).__name__, active=active, patterns=patterns)
 
@@ -192,10 +192,10 @@ def _trace_fixing_what_it_must(
     numbers = {k for k, v in fixed.items() if type(v) in (int, float)}
     if numbers:
         rest = {k: v for k, v in fixed.items() if k not in numbers}
-        graph = _trace_both_modes(module, leaves, rest)
+        graph = trace_both_modes(module, leaves, rest)
         if graph is not None:
             return graph, rest
-    return _trace_both_modes(module, leaves, fixed), fixed
+    return trace_both_modes(module, leaves, fixed), fixed
 
 
 # what frontier remembers of each module structure: its graph (None: untraceable) and
@@ -203,7 +203,7 @@ def _trace_fixing_what_it_must(
 _Traces = dict[tuple[Any, ...], tuple[fx.Graph | None, dict[str, Any]]]
 
 
-def _trace_both_modes(
+def trace_both_modes(
     module: nn.Module, leaves: set[int], concrete: dict[str, Any] | None = None
 ) -> fx.Graph | None:
     """The eval-mode graph, when tracing works and both modes give the same graph.
@@ -373,7 +373,7 @@ def _graph_module(
     return gm
 
 
-def _wrap_leaf(layer: nn.Module, active: Sequence[str] = ()) -> fx.GraphModule:
+def wrap_leaf(layer: nn.Module, active: Sequence[str] = ()) -> fx.GraphModule:
     holder = nn.Module()
     holder.base_layer = layer
     holder.train(layer.training)

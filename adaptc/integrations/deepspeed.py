@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.compiler.compile import compiled_info
-from adaptc.io.keys import adapter_tensors
+from adaptc.adapters.keys import adapter_tensors
+from adaptc.compiler import compiled_info
+from adaptc.io.save import save_adapter as _save
 
 __all__ = ["gathered_adapter_state_dict", "is_partitioned", "save_adapter"]
 
@@ -74,8 +75,6 @@ def save_adapter(
     engine). Every rank must call this (gathering is a collective); ``rank`` defaults to
     the ``torch.distributed`` rank. Returns the directory on the writing rank, else None.
     """
-    from adaptc.io.save import save_adapter as _save
-
     model = _adaptc_model(model)
     info = compiled_info(model)
     assert info is not None  # _adaptc_model found it

@@ -33,7 +33,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adaptc.compiler.compile import compiled_info
+from adaptc.adapters.keys import adapter_tensors
+from adaptc.compiler import compiled_info
+from adaptc.io.load import load_weights
+from adaptc.io.save import save_adapter
 
 __all__ = [
     "AdapterSavePretrained",
@@ -105,9 +108,6 @@ def save(
     adapters: Sequence[str] | None = None,
 ) -> Path:
     """``adaptc.save_adapter``, with the adapter tensors taken from ``state_dict`` if given."""
-    from adaptc.io.keys import adapter_tensors
-    from adaptc.io.save import save_adapter
-
     target = save_adapter(model, directory, adapters=adapters)
     if state_dict is None:
         return target
@@ -149,8 +149,6 @@ def load_in_place(model: nn.Module, checkpoint: str | os.PathLike[str]) -> list[
     The parameters stay the same objects (an optimizer built on them stays valid) and keep
     their ``requires_grad``. Returns the names of the adapters loaded.
     """
-    from adaptc.io.load import _load_weights
-
     compiled = adapted_model(model)
     info = compiled_info(compiled) if compiled is not None else None
     if compiled is None or info is None:
@@ -160,7 +158,7 @@ def load_in_place(model: nn.Module, checkpoint: str | os.PathLike[str]) -> list[
         for name in info.spec.adapters:
             folder = Path(checkpoint) if name == "default" else Path(checkpoint) / name
             if any((folder / f).is_file() for f in _WEIGHTS_FILES):
-                _load_weights(compiled, name, folder)
+                load_weights(compiled, name, folder)
                 loaded.append(name)
     if not loaded:
         raise ValueError(

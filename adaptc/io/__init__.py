@@ -1,14 +1,17 @@
 """Adapters on disk: PEFT's file format in and out."""
 
-from adaptc.io.keys import AdapterKeyError, adapter_state_dict
-from adaptc.io.load import AdapterLoadError, load_adapter, resolve_adapter_dir
+from adaptc.adapters.keys import AdapterKeyError, adapter_state_dict
+from adaptc.io.load import AdapterLoadError, load_adapter, load_adapter_into, resolve_adapter_dir
 from adaptc.io.save import save_adapter
+from adaptc.io.swap import hotswap
 
 __all__ = [
     "AdapterKeyError",
     "AdapterLoadError",
     "adapter_state_dict",
+    "hotswap",
     "load_adapter",
+    "load_adapter_into",
     "resolve_adapter_dir",
     "save_adapter",
 ]

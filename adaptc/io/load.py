@@ -1,5 +1,5 @@
-"""``load_adapter``: a PEFT or adaptc adapter directory onto a base model (a new model), or
-into a compiled model beside its adapters (in place)."""
+"""Reading adapter directories (PEFT's or adaptc's): ``load_adapter`` puts one onto a base
+model (a new model), ``load_adapter_into`` adds one to a compiled model (in place)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from adaptc.compiler.compile import CompileError, compile, compiled_info
+from adaptc.adapters.keys import AdapterKeyError, adapter_tensors, without_peft_duplicates
+from adaptc.adapters.manage import add_adapter, delete_adapter
+from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.hub import ADAPTER_FILES, HubError, is_hub_id, snapshot
-from adaptc.io.keys import AdapterKeyError, adapter_tensors, without_peft_duplicates
 from adaptc.io.save import WEIGHTS_NAME
 from adaptc.spec import Spec, SpecError, from_peft_config, load_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
@@ -23,8 +24,14 @@ from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
 __all__ = [
     "LEGACY_WEIGHTS_NAME",
     "AdapterLoadError",
+    "add_loaded",
     "choose_adapter",
+    "is_base_tensor",
     "load_adapter",
+    "load_adapter_into",
+    "load_weights",
+    "read_spec",
+    "read_weights",
     "resolve_adapter_dir",
     "sub_adapters",
 ]
@@ -53,19 +60,20 @@ def load_adapter(
     ``save_pretrained`` (``adapter_model.safetensors``, or a legacy ``adapter_model.bin``,
     read with ``torch.load(weights_only=True)``), or a hub id (``org/name``, downloaded as
     peft does: cache, ``revision``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``). Adapter weights are
-    frozen unless ``trainable``.
-
-    When ``model`` was returned by ``adaptc.compile``, the adapter(s) are added to it in
-    place instead (inactive, nothing else recompiled, as ``adaptc.add_adapter``) and
-    ``model`` itself is returned; on an error nothing is left half-added.
+    frozen unless ``trainable``. To add an adapter to a model adaptc compiled, use
+    :func:`load_adapter_into`.
     """
+    if compiled_info(model) is not None:
+        raise AdapterLoadError(
+            "load_adapter() puts an adapter onto a base model and returns a new model; this "
+            "model was compiled by adaptc: add the adapter to it in place with "
+            "adaptc.load_adapter_into(model, source, adapter_name=...)"
+        )
     directory = resolve_adapter_dir(
         source, cache_dir=cache_dir, revision=revision, token=token,
         local_files_only=local_files_only,
     )  # fmt: skip
-    spec, folders = _read_spec(directory, adapter_name)
-    if compiled_info(model) is not None:
-        return _load_into(model, directory, spec, folders, trainable)
+    spec, folders = read_spec(directory, adapter_name)
     try:
         new = compile(model, spec)
     except CompileError as exc:
@@ -74,26 +82,45 @@ def load_adapter(
         ) from None
     with torch.no_grad():
         for name, folder in folders.items():
-            _load_weights(new, name, folder)
+            load_weights(new, name, folder)
     if not trainable:
         for p in new.parameters():
             p.requires_grad_(False)
-    info = compiled_info(new)
-    assert info is not None
     return new
 
 
-def _load_into(
-    model: nn.Module, directory: Path, spec: Spec, folders: dict[str, Path], trainable: bool
-) -> nn.Module:
+def load_adapter_into(
+    model: nn.Module,
+    source: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    trainable: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> list[str]:
+    """Add the adapter(s) saved at ``source`` to the compiled ``model``, in place; returns
+    their names. They start inactive and nothing else is recompiled (as
+    ``adaptc.add_adapter``); on an error nothing is left half-added. ``source`` and the
+    options are :func:`load_adapter`'s."""
+    if compiled_info(model) is None:
+        raise AdapterLoadError(
+            "load_adapter_into() adds an adapter to a model adaptc compiled; for a base model "
+            "use adaptc.load_adapter(model, source), which returns a new model"
+        )
+    directory = resolve_adapter_dir(
+        source, cache_dir=cache_dir, revision=revision, token=token,
+        local_files_only=local_files_only,
+    )  # fmt: skip
+    spec, folders = read_spec(directory, adapter_name)
     try:
-        add_loaded(model, spec, folders, trainable)
+        return add_loaded(model, spec, folders, trainable)
     except CompileError as exc:
         hint = " (pass adapter_name=)" if "already has adapter" in str(exc) else ""
         raise AdapterLoadError(
             f"the adapter at {directory} does not fit this model: {exc}{hint}"
         ) from None
-    return model
 
 
 def add_loaded(
@@ -102,20 +129,18 @@ def add_loaded(
     """Add the adapters of ``spec`` to the compiled ``model`` in place and load each one's
     weights from its folder; returns their names. ``CompileError`` when they need a
     recompile (``adaptc.add_adapter``'s rules); nothing is left half-added."""
-    from adaptc.compiler.adapters import add_adapter, delete_adapter
-
     names = add_adapter(model, spec)
     try:
         with torch.no_grad():
             for name in names:
-                _load_weights(model, name, folders[name])
+                load_weights(model, name, folders[name])
     except BaseException:
         for name in names:
             delete_adapter(model, name)
         raise
     for name in names:
         for key, tensor in adapter_tensors(model, name):
-            if isinstance(tensor, nn.Parameter) and not _is_base_tensor(key):
+            if isinstance(tensor, nn.Parameter) and not is_base_tensor(key):
                 tensor.requires_grad_(trainable)
     return names
 
@@ -173,32 +198,32 @@ def choose_adapter(directory: Path, name: str | None) -> tuple[Spec, str, Path]:
     one: an unknown name is an error listing what the directory holds.
     """
     if (directory / SPEC_FILE_NAME).is_file():
-        spec, folders = _read_spec(directory, "default")
+        spec, folders = read_spec(directory, "default")
         names = list(spec.adapters)
         chosen = names[0] if name is None else name
         if chosen not in spec.adapters:
             raise AdapterLoadError(
                 f"{directory} has no adapter {chosen!r} (has: {', '.join(names)})"
             )
-        data = spec.model_dump(by_alias=True)
-        data["adapters"] = {chosen: data["adapters"][chosen]}
-        data["merge"] = False
-        return Spec.model_validate(data), chosen, folders[chosen]
+        one = spec.with_adapters({chosen: spec.adapters[chosen]}).model_copy(
+            update={"merge": False}
+        )
+        return one, chosen, folders[chosen]
     top = (directory / PEFT_CONFIG_NAME).is_file()
     subs = sub_adapters(directory)
     if (name is not None and name != "default") or (name == "default" and not top):
         if name in subs:
-            spec, _ = _read_spec(directory / name, name)
+            spec, _ = read_spec(directory / name, name)
             return spec, name, directory / name
         held = (["default"] if top else []) + subs
         raise AdapterLoadError(
             f"{directory} has no adapter {name!r} (has: {', '.join(held) or 'none'})"
         )
-    spec, _ = _read_spec(directory, "default")
+    spec, _ = read_spec(directory, "default")
     return spec, "default", directory
 
 
-def _read_spec(directory: Path, adapter_name: str) -> tuple[Spec, dict[str, Path]]:
+def read_spec(directory: Path, adapter_name: str) -> tuple[Spec, dict[str, Path]]:
     """The spec to compile, and the folder holding each adapter's weights."""
     try:
         if (directory / SPEC_FILE_NAME).is_file():
@@ -233,7 +258,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     safetensors_path = folder / WEIGHTS_NAME
     legacy_path = folder / LEGACY_WEIGHTS_NAME
     if safetensors_path.is_file():
@@ -261,8 +286,8 @@ def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise AdapterLoadError(f"{folder} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 
-def _load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
-    path, state = _read_weights(folder)
+def load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
+    path, state = read_weights(folder)
     expected = dict(adapter_tensors(model, adapter))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -282,13 +307,15 @@ def _load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
             )
     for key, param in expected.items():
         value = state[key].to(param.dtype)
-        if _is_base_tensor(key):  # e.g. a targeted embedding's base weight: shared with the
+        if is_base_tensor(key):  # e.g. a targeted embedding's base weight: shared with the
             _replace_parameter(model, param, value)  # user's model, so never written in place
         else:
             param.copy_(value)
 
 
-def _is_base_tensor(key: str) -> bool:
+def is_base_tensor(key: str) -> bool:
+    """Whether an adapter file's ``key`` is a base weight PEFT saves beside the adapter
+    (a targeted embedding's), which is shared with the user's model."""
     return ".base_layer." in key and ".lora_" not in key and not key.endswith(".bias")
 
 

@@ -14,7 +14,7 @@ meta device, where the adapter is compiled to learn which tensors it must hold. 
 adapter's keys may be relative to the checkpoint's model or to its base model (an adapter
 trained on ``AutoModel`` merged into an ``…ForCausalLM`` checkpoint, or the reverse), as
 PEFT's ``base_model.model.`` prefix allows. Everything is checked before anything is
-written; the output directory appears whole or not at all (:func:`adaptc._io.staged_dir`).
+written; the output directory appears whole or not at all (:func:`adaptc.atomic.staged_dir`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from adaptc._io import staged_dir
-from adaptc.compiler.compile import CompileError, compile, merge
-from adaptc.io.keys import PREFIX, adapter_branches
+from adaptc.adapters.keys import PREFIX, adapter_branches
+from adaptc.atomic import staged_dir
+from adaptc.compiler import CompileError, compile, merge
 from adaptc.io.load import (
     AdapterLoadError,
-    _load_weights,
-    _read_weights,
     choose_adapter,
+    load_weights,
+    read_weights,
     resolve_adapter_dir,
 )
 from adaptc.io.tensor_merger import DTYPES, TensorMerger, read_header
@@ -87,7 +87,7 @@ def merge_checkpoint(
     source, out, shards, (spec, name, folder) = _inputs(
         model_dir, adapter_dir, out_dir, adapter, force
     )
-    weights_path, tensors = _read_weights(folder)
+    weights_path, tensors = read_weights(folder)
     meta = build_meta_model(spec)
     merger = TensorMerger.fit(meta, spec, name, tensors, weights_path)
     merger.check_checkpoint(source, shards)  # before writing anything
@@ -123,14 +123,14 @@ def merge_in_memory(
     source, out, shards, (spec, name, folder) = _inputs(
         model_dir, adapter_dir, out_dir, adapter, force
     )
-    weights_path, tensors = _read_weights(folder)
+    weights_path, tensors = read_weights(folder)
     model = build_model(_num_labels(tensors))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             new = compile(model, spec)
         with torch.no_grad():
-            _load_weights(new, name, folder)
+            load_weights(new, name, folder)
     except (CompileError, ValueError) as exc:
         raise AdapterLoadError(
             f"the adapter {name!r} ({weights_path}) does not fit {type(model).__name__}: "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,16 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from adaptc._io import staging_dir
-from adaptc.compiler.compile import Compiled, compiled_info
-from adaptc.io.keys import adapter_state_dict
-from adaptc.plan.defaults import LORA_TARGET_MODULES, TASK_MODULES_TO_SAVE
-from adaptc.spec import NameTargets, RegexTargets, Spec
+from adaptc.adapters.keys import adapter_state_dict
+from adaptc.atomic import staged_files
+from adaptc.compiler import Compiled, compiled
+from adaptc.methods.registry import method
+from adaptc.plan.defaults import TASK_MODULES_TO_SAVE
+from adaptc.plan.plan import model_type
+from adaptc.spec import NameTargets, RegexTargets
 from adaptc.spec.dump import dump_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
+from adaptc.spec.method import method_spec
 
 __all__ = ["WEIGHTS_NAME", "save_adapter"]
 
@@ -35,9 +37,7 @@ def save_adapter(
     in their own dtype. A new directory appears whole or not at all; in an existing
     directory each file is replaced atomically, weights before configs.
     """
-    info = compiled_info(model)
-    if info is None:
-        raise ValueError("save_adapter() takes a model returned by adaptc.compile()")
+    info = compiled(model, "save_adapter()")
     names = list(adapters) if adapters is not None else list(info.spec.adapters)
     for name in names:
         if name not in info.spec.adapters:
@@ -49,8 +49,12 @@ def save_adapter(
     for name in names:
         folder = Path() if name == "default" else Path(name)
         files[folder / WEIGHTS_NAME] = {"tensors": adapter_state_dict(model, name)}
+        entry = method(info.spec.adapters[name].method)
         config = info.spec.to_peft_config(
-            name, target_modules=_resolved_targets(model, info, name), inference_mode=True
+            name,
+            target_modules=_resolved_targets(model, info, name),
+            inference_mode=True,
+            settings=entry.with_defaults(info.spec.adapters[name], model_type(model)),
         )
         _as_peft_resolves(config, info, name)
         if config["base_model_name_or_path"] is None:  # as peft: the base model's own name
@@ -64,9 +68,7 @@ def save_adapter(
         files[folder / PEFT_CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
     saved = info.spec
     if set(names) != set(info.spec.adapters):  # the spec beside the files lists what is there
-        data = info.spec.model_dump(by_alias=True)
-        data["adapters"] = {n: info.spec.adapters[n] for n in names}
-        saved = Spec.model_validate(data)
+        saved = info.spec.with_adapters({n: info.spec.adapters[n] for n in names})
     files[Path(SPEC_FILE_NAME)] = dump_spec(saved).encode()
     _write_all(target, files)
     return target
@@ -87,29 +89,35 @@ def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] 
     names; ``all-linear`` (as PEFT does) and ``types`` become the adapted module paths.
     """
     adapter = info.spec.adapters[name]
+    paths = [t.path for t in info.plan.targets if t.adapter == name]
+    if adapter.layers is not None and not method_spec(adapter.method).peft_has_layers:
+        return paths  # PEFT's config cannot restrict layers: the modules it resolved to
     if isinstance(adapter.targets, (NameTargets, RegexTargets)):
         return None
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if adapter.targets is None and model_type in LORA_TARGET_MODULES:
-        defaults = LORA_TARGET_MODULES[model_type]
+    default_targets = method(adapter.method).default_targets
+    kind = model_type(model)
+    if adapter.targets is None and kind is not None and kind in default_targets:
+        defaults = default_targets[kind]
         if not isinstance(defaults, str):
             return list(defaults)
-    return [t.path for t in info.plan.targets if t.adapter == name]
+    return paths
 
 
 def _as_peft_resolves(config: dict[str, Any], info: Compiled, name: str) -> None:
     """Fields PEFT rewrites in its config while adapting a model, rewritten the same way."""
     targets = [t for t in info.plan.targets if t.adapter == name]
-    if targets:  # PEFT forces fan_in_fan_out per layer type (True for Conv1D), last one stays
-        config["fan_in_fan_out"] = targets[-1].fan_in_fan_out
+    if targets and "fan_in_fan_out" in config:  # PEFT forces fan_in_fan_out per layer type
+        config["fan_in_fan_out"] = getattr(targets[-1].settings, "fan_in_fan_out", False)
     heads = TASK_MODULES_TO_SAVE.get(str(info.spec.task_type))
     if heads is not None:  # PEFT's task models add their heads to modules_to_save
         config["modules_to_save"] = [*(config["modules_to_save"] or []), *heads.names]
 
 
 def _write_all(target: Path, files: dict[Path, bytes | dict[str, object]]) -> None:
-    staging = staging_dir(target)
-    try:
+    # an existing directory may hold other files (a trainer's checkpoint): replace ours,
+    # weights before configs
+    order = sorted(files, key=lambda r: r.name != WEIGHTS_NAME)
+    with staged_files(target, order) as staging:
         for rel, content in files.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,15 +125,3 @@ def _write_all(target: Path, files: dict[Path, bytes | dict[str, object]]) -> No
                 save_file(content["tensors"], str(path), metadata={"format": "pt"})  # type: ignore[arg-type]
             else:
                 path.write_bytes(content)
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-        if not target.exists():
-            os.replace(staging, target)  # the whole directory appears at once
-            return
-        # an existing directory may hold other files (a trainer's checkpoint): replace ours
-        for rel in sorted(files, key=lambda r: r.name != WEIGHTS_NAME):
-            dest = target / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

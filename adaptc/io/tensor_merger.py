@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.compiler.compile import CompileError, compile, compiled_info
+from adaptc.adapters.keys import PREFIX, adapter_branches, adapter_tensors
+from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.compiler.passes import merged_layer
-from adaptc.io.keys import PREFIX, adapter_branches, adapter_tensors
-from adaptc.io.load import AdapterLoadError, _is_base_tensor
-from adaptc.layers import LoraBranch, rule_for
+from adaptc.io.load import AdapterLoadError, is_base_tensor
+from adaptc.layers import kind_of
+from adaptc.methods.base import Branch
+from adaptc.methods.registry import method
 from adaptc.plan.plan import PlannedTarget
 from adaptc.spec import Spec
 
@@ -100,7 +102,7 @@ class TensorMerger:
             b.target: layer
             for layer in compiled.modules()
             for b in layer.children()
-            if isinstance(b, LoraBranch) and b.adapter == adapter
+            if isinstance(b, Branch) and b.adapter == adapter
         }
         info = compiled_info(compiled)
         assert info is not None
@@ -115,7 +117,7 @@ class TensorMerger:
             if branch.lora_bias:
                 self.ops[f"{root}{path}.bias"] = _Merge(path, "bias")
         for key in tensors:
-            if key in lora or _is_base_tensor(key):  # a targeted embedding's frozen weight
+            if key in lora or is_base_tensor(key):  # a targeted embedding's frozen weight
                 continue
             model_key = root + key.removeprefix(PREFIX).replace(".base_layer.", ".")
             existing = self.ops.get(model_key)
@@ -258,17 +260,17 @@ class TensorMerger:
             else None
             for k, p in leaf._parameters.items()
         }
-        cfg = self.targets[path].branch_config(self.spec.adapters[self.adapter])
-        rule = rule_for(twin)
-        assert rule is not None
-        if attr == "weight" and cfg.init in ("pissa", "olora"):  # the residual is the base
-            _, replaced = rule.make_branch(twin, cfg)
+        target = self.targets[path]
+        entry = method(target.method)
+        if attr == "weight" and getattr(target.settings, "init", None) in ("pissa", "olora"):
+            # the residual is the base weight the merge starts from
+            _, replaced = entry.make_branch(kind_of(twin), twin, target.settings)
             twin._parameters["weight"] = nn.Parameter(replaced["weight"], requires_grad=False)
         branch = copy.deepcopy(self.branches[path]).to_empty(device="cpu")
         with torch.no_grad():
             for name, param in branch.named_parameters():
                 param.copy_(self.tensors[f"{PREFIX}{path}.{name}"].to(param.dtype))
-        twin.add_module(f"lora_{self.adapter}", branch)
+        twin.add_module(entry.child_name(self.adapter), branch)
         return twin
 
 

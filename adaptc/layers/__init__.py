@@ -1,41 +1,38 @@
-"""Layer rules: the registry of layer types that can carry a LoRA branch."""
+"""Layer kinds: the registry of layer types adapters can be put on (first match wins)."""
 
 from torch import nn
 
 from adaptc.layers.base import (
-    BranchConfig,
-    LayerRule,
-    Merged,
+    LayerKind,
     UnsupportedLayerError,
+    find_kind,
+    kind_names,
+    kind_of,
+    kinds,
     register,
-    rule_for,
-    rules,
-    supported_names,
+    share_parameter,
 )
-from adaptc.layers.branch import LoraBranch
-from adaptc.layers.conv import ConvRule
-from adaptc.layers.embedding import EmbeddingBranch, EmbeddingRule
-from adaptc.layers.linear import Conv1DRule, LinearRule
+from adaptc.layers.standard import Conv1DKind, ConvKind, EmbeddingKind, LinearKind
 
-# First match wins: specific rules before general ones.
-register(Conv1DRule())
-register(LinearRule())
-register(EmbeddingRule())
-register(ConvRule(nn.Conv1d))
-register(ConvRule(nn.Conv2d))
-register(ConvRule(nn.Conv3d))
+# First match wins: specific kinds before general ones.
+register(Conv1DKind())
+register(LinearKind())
+register(EmbeddingKind())
+register(ConvKind("nn.Conv1d", nn.Conv1d))
+register(ConvKind("nn.Conv2d", nn.Conv2d))
+register(ConvKind("nn.Conv3d", nn.Conv3d))
 
 __all__ = [
-    "BranchConfig",
-    "ConvRule",
-    "EmbeddingBranch",
-    "EmbeddingRule",
-    "LayerRule",
-    "LoraBranch",
-    "Merged",
+    "Conv1DKind",
+    "ConvKind",
+    "EmbeddingKind",
+    "LayerKind",
+    "LinearKind",
     "UnsupportedLayerError",
+    "find_kind",
+    "kind_names",
+    "kind_of",
+    "kinds",
     "register",
-    "rule_for",
-    "rules",
-    "supported_names",
+    "share_parameter",
 ]

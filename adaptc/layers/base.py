@@ -1,182 +1,131 @@
-"""Layer rules: how one kind of layer gets a LoRA branch, and how it merges.
+"""Layer kinds: what adaptc knows about one kind of layer, whatever adapter it carries.
 
-A rule is pure: it reads the base layer and a :class:`BranchConfig`, builds a new
-:class:`~adaptc.layers.branch.LoraBranch`, emits the branch's nodes into an fx graph, and
-computes merged weights. It never mutates the base layer (that module is shared with the
-user's original model). Rules live in a registry; the first rule that matches wins.
+A kind owns matching (first registered match wins: specific kinds before general
+ones), the shapes PEFT speaks of (``in_features``/``out_features``), the weight's layout
+(stored (out, in) or, as transformers' ``Conv1D``, (in, out)), the dtype it computes in,
+how its frozen parameters are shared with the user's model, and how its weight is read
+for a merge and written back (a quantized kind dequantizes and requantizes there). Kinds
+are pure: they never change the module they are given (it is shared with the user's
+model). Adapter methods (:mod:`adaptc.methods`) work on layers only through their kind.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import copy
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
-
-from adaptc.layers.branch import LoraBranch
+from torch import nn
 
 __all__ = [
-    "BranchConfig",
-    "LayerRule",
-    "Merged",
+    "LayerKind",
     "UnsupportedLayerError",
-    "adapter_dtype",
+    "find_kind",
+    "kind_names",
+    "kind_of",
+    "kinds",
     "register",
-    "rule_for",
-    "rules",
-    "supported_names",
+    "share_parameter",
 ]
 
 
-@dataclass(frozen=True)
-class BranchConfig:
-    """Everything a rule needs to build one adapter's branch on one target."""
-
-    adapter: str
-    target: str  # the module's path in the user's model, e.g. "model.layers.0.self_attn.q_proj"
-    r: int
-    lora_alpha: float
-    scaling: float
-    lora_dropout: float = 0.0
-    use_dora: bool = False
-    init: str = "default"
-    pissa_niter: int | None = None
-    lora_bias: bool = False
-    fan_in_fan_out: bool = False
-
-
-@dataclass(frozen=True)
-class Merged:
-    """New base tensors after merging; None where the base tensor is unchanged."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-
-
 class UnsupportedLayerError(ValueError):
-    """A target's layer type has no rule."""
+    """A module's type has no layer kind."""
 
 
-class LayerRule(ABC):
-    """One kind of layer. Subclasses set ``name`` (the spec's type name) and ``layer_type``."""
+def share_parameter(param: nn.Parameter, *, requires_grad: bool = False) -> nn.Parameter:
+    """A new Parameter object over ``param``'s storage."""
+    return nn.Parameter(param.detach(), requires_grad=requires_grad)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of layer. ``name`` is the spec's type name (``targets: {kind: types}``)."""
 
     name: str
     layer_type: type[nn.Module]
+    linear: bool = False  # a linear layer: selected by `all-linear` (PEFT's rule)
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.layer_type)
 
-    @abstractmethod
     def features(self, module: nn.Module) -> tuple[int, int]:
         """(in_features, out_features) as PEFT defines them for this layer."""
+        weight = self.weight(module)
+        return int(weight.shape[1]), int(weight.shape[0])
 
-    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
-        """Whether the weight is stored (in, out); rules for such layers force True."""
+    def transposed(self, module: nn.Module, requested: bool) -> bool:
+        """Whether the weight is stored (in, out) (PEFT's ``fan_in_fan_out``); kinds whose
+        layout is fixed ignore ``requested``."""
         return requested
 
-    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
-        """Raise ValueError when the branch cannot be built; return warnings otherwise."""
-        fan_in, fan_out = self.features(module)
-        if cfg.init in ("pissa", "olora") and cfg.r > min(fan_in, fan_out):
-            raise ValueError(
-                f"{cfg.target}: r={cfg.r} is larger than the layer allows for init "
-                f"{cfg.init!r} (min(in, out) = {min(fan_in, fan_out)})"
+    def compute_dtype(self, module: nn.Module) -> torch.dtype:
+        """The dtype of the layer's output for a floating-point input of that dtype."""
+        return self.weight(module).dtype
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The weight as a plain tensor in the layer's own layout (for merging)."""
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight"
+        return weight
+
+    def share_parameter(self, module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
+        """The compiled model's frozen parameter for the user's ``param`` (same storage;
+        a kind whose parameters carry state, such as a quantized one, keeps it)."""
+        return share_parameter(param)
+
+    def with_weights(
+        self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> nn.Module:
+        """A shallow copy of ``module`` whose weight is ``weight`` (and bias ``bias`` when
+        given), as new frozen parameters; its children and hook dicts are its own."""
+        new = copy.copy(module)  # shallow: a new __dict__, same tensors until replaced below
+        new._modules = dict(module._modules)
+        new._parameters = dict(module._parameters)
+        new._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None and "bias" in new._parameters:
+            own = module._parameters["bias"]
+            new._parameters["bias"] = (
+                own if bias is own else nn.Parameter(bias.detach(), requires_grad=False)
             )
-        warnings = []
-        if cfg.r > min(fan_in, fan_out):
-            warnings.append(
-                f"{cfg.target}: r={cfg.r} exceeds min(in_features, out_features) = "
-                f"{min(fan_in, fan_out)}; the update cannot use the extra rank"
-            )
-        if cfg.lora_bias and getattr(module, "bias", None) is None:
-            warnings.append(
-                f"{cfg.target}: lora_bias on a layer that has no bias: merging will not be possible"
-            )
-        return warnings
-
-    @abstractmethod
-    def make_branch(
-        self, module: nn.Module, cfg: BranchConfig
-    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
-        """A new, initialised branch, and replacements for base tensors (PiSSA/OLoRA only)."""
-
-    def emit(
-        self,
-        graph: fx.Graph,
-        x: fx.Node,
-        base_out: fx.Node,
-        *,
-        base: nn.Module,
-        base_path: str,
-        branch: LoraBranch,
-        branch_path: str,
-    ) -> fx.Node:
-        """Insert the branch's nodes after ``base_out``; return the node holding the sum.
-
-        ``base_path`` and ``branch_path`` are the qualified names of the base layer and of
-        the branch in the module that owns ``graph``. The caller rewires ``base_out``'s users.
-        The default emits ``base_out + lora_B(lora_A(dropout(x))) * s`` (a DoRA branch
-        emits its own call); rules whose branch differs override it.
-        """
-        if getattr(branch, "is_dora", False):
-            from adaptc.layers.dora import emit_dora_branch
-
-            return emit_dora_branch(
-                self, graph, x, base_out, base=base, base_path=base_path, branch=branch,
-                branch_path=branch_path,
-            )  # fmt: skip
-        from adaptc.layers.linear import emit_linear_branch
-
-        return emit_linear_branch(
-            graph, x, base_out, base=base, branch=branch, branch_path=branch_path
-        )
-
-    @abstractmethod
-    def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
-        """``s·ΔW`` in the layout of the base weight."""
-
-    def merge(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
-        """Merged tensors for ``weight`` (the base weight, possibly already merged with others)."""
-        new_weight = weight + self.delta_weight(module, branch).to(weight.dtype)
-        new_bias = None
-        if branch.lora_bias:
-            bias = getattr(module, "bias", None)
-            if bias is None:
-                raise ValueError(f"{branch.target}: cannot merge lora_bias, the layer has no bias")
-            lora_b_bias = branch.lora_B.bias
-            assert isinstance(lora_b_bias, torch.Tensor)
-            new_bias = bias + (lora_b_bias * branch.scaling).to(bias.dtype)
-        return Merged(new_weight, new_bias)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks"):
+            if hooks in new.__dict__:
+                new.__dict__[hooks] = copy.copy(new.__dict__[hooks])
+        return new
 
 
-_RULES: list[LayerRule] = []
+_KINDS: list[LayerKind] = []
 
 
-def register(rule: LayerRule) -> LayerRule:
-    """Add a rule; more specific rules must be registered before general ones."""
-    _RULES.append(rule)
-    return rule
+def register(kind: LayerKind) -> LayerKind:
+    """Add a kind; more specific kinds must be registered before general ones."""
+    _KINDS.append(kind)
+    return kind
 
 
-def rules() -> tuple[LayerRule, ...]:
-    return tuple(_RULES)
+def kinds() -> tuple[LayerKind, ...]:
+    return tuple(_KINDS)
 
 
-def rule_for(module: nn.Module) -> LayerRule | None:
-    """The first rule that matches ``module``."""
-    for rule in _RULES:
-        if rule.matches(module):
-            return rule
+def kind_names() -> tuple[str, ...]:
+    return tuple(kind.name for kind in _KINDS)
+
+
+def find_kind(module: nn.Module) -> LayerKind | None:
+    """The first kind that matches ``module``, or None."""
+    for kind in _KINDS:
+        if kind.matches(module):
+            return kind
     return None
 
 
-def supported_names() -> tuple[str, ...]:
-    return tuple(rule.name for rule in _RULES)
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapter weights are float32 on a half-precision base (PEFT's autocast_adapter_dtype)."""
-    if weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
-        return torch.float32
-    return weight.dtype
+def kind_of(module: nn.Module, path: str = "") -> LayerKind:
+    """The kind of ``module``; an :class:`UnsupportedLayerError` listing the kinds if none."""
+    kind = find_kind(module)
+    if kind is None:
+        where = f"{path}: " if path else ""
+        raise UnsupportedLayerError(
+            f"{where}layer type {type(module).__name__} is not supported "
+            f"(supported: {', '.join(kind_names())})"
+        )
+    return kind

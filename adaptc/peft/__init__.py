@@ -1,17 +1,25 @@
 """PEFT's API over adaptc: change ``from peft import …`` to ``from adaptc.peft import …``.
 
-LoRA only, with PEFT's names, arguments and defaults (``LoraConfig``, ``get_peft_model``,
-``PeftModel.from_pretrained``, ``inject_adapter_in_model``, …). The differences are
+PEFT's names, arguments and defaults (``LoraConfig``, ``get_peft_model``,
+``PeftModel.from_pretrained``, ``inject_adapter_in_model``, …), for LoRA and the other
+methods adaptc registers (each method's config class, such as ``IA3Config``, comes from
+its package's ``facade`` module). The differences are
 deliberate and documented in ``docs/peft-migration.md``; the main one: the model passed
 in is never changed, a new model is returned. Options adaptc does not implement raise
 :class:`NotSupportedError` ("… is not supported by adaptc") instead of being ignored.
 This package does not import ``peft``.
 """
 
+import importlib
+import importlib.util
+
+from adaptc.methods import NAMES
 from adaptc.peft.config import (
+    CONFIG_CLASSES,
     LoraConfig,
     LoraRuntimeConfig,
     NotSupportedError,
+    PeftConfig,
     PeftType,
     TaskType,
     get_peft_config,
@@ -39,7 +47,11 @@ from adaptc.peft.tasks import (
 )
 from adaptc.peft.tuner import LoraModel
 
-PeftConfig = LoraConfig  # the only config adaptc has; `PeftConfig.from_pretrained(dir)` works
+for _name in NAMES:  # each method's config class registers itself when its facade loads
+    if importlib.util.find_spec(f"adaptc.methods.{_name}.facade") is not None:
+        importlib.import_module(f"adaptc.methods.{_name}.facade")
+_CONFIGS = {cls.__name__: cls for cls in CONFIG_CLASSES.values()}  # LoraConfig, IA3Config, …
+globals().update(_CONFIGS)
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
@@ -67,4 +79,5 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "inject_adapter_in_model",
+    *sorted(set(_CONFIGS) - {"LoraConfig"}),
 ]

@@ -1,4 +1,4 @@
-"""PEFT's ``add_weighted_adapter`` for the facade, over :func:`adaptc.compiler.combine_adapters`.
+"""PEFT's ``add_weighted_adapter`` for the facade, over :func:`adaptc.adapters.combine_adapters`.
 
 The combination itself is adaptc's (in place on the adapted model, so the other adapters'
 parameters stay the same objects); this module adds PEFT's bookkeeping: an existing name
@@ -9,12 +9,12 @@ the new ``r``, ``lora_alpha = r``, the united ``target_modules`` and no patterns
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from adaptc.compiler.combine import CombinationType, combine_adapters
-from adaptc.peft.tuner import LoraModel, config_of
+from adaptc.adapters.combine import CombinationType, combine_adapters
+from adaptc.peft.config import config_of
 
 __all__ = ["add_weighted_adapter"]
 
@@ -37,8 +37,8 @@ def add_weighted_adapter(
     As in PEFT the new adapter is inactive (``set_adapter`` activates it) and frozen, and
     nothing happens when ``adapter_name`` already exists.
     """
-    lora = peft_model if isinstance(peft_model, LoraModel) else peft_model.base_model
-    if not isinstance(lora, LoraModel):
+    lora: Any = peft_model.base_model if hasattr(peft_model, "get_base_model") else peft_model
+    if not hasattr(lora, "peft_config") or not isinstance(getattr(lora, "model", None), nn.Module):
         raise TypeError(f"expected a PeftModel or LoraModel, got {type(peft_model).__name__}")
     if adapter_name in lora.peft_config:
         return

@@ -16,20 +16,28 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+from torch import nn
+
+from adaptc.compiler import compiled_info
 from adaptc.spec import Spec, from_peft_config
 from adaptc.spec.load import PEFT_CONFIG_NAME
-from adaptc.spec.peft_config import PEFT_FORMAT_VERSION
+from adaptc.spec.method import PEFT_FORMAT_VERSION, method_specs
 
 __all__ = [
     "SUPPORTED_ARGUMENTS",
     "LoraConfig",
     "LoraRuntimeConfig",
     "NotSupportedError",
+    "PeftConfig",
     "PeftType",
     "TaskType",
+    "config_class",
+    "config_of",
     "get_peft_config",
+    "read_config",
+    "register_config",
 ]
 
 
@@ -37,10 +45,10 @@ class NotSupportedError(NotImplementedError, ValueError):
     """A PEFT argument or feature that adaptc does not implement (caught as either type)."""
 
 
-class PeftType(str, enum.Enum):
-    """PEFT's method names; adaptc implements LoRA only."""
-
-    LORA = "LORA"
+# PEFT's method names, for the methods adaptc implements (adaptc/methods).
+PeftType = enum.Enum(  # type: ignore[misc]
+    "PeftType", {m.peft_type: m.peft_type for m in method_specs()}, type=str, module=__name__
+)
 
 
 class TaskType(str, enum.Enum):
@@ -91,8 +99,112 @@ SUPPORTED_ARGUMENTS = frozenset(
 )
 
 
+C = TypeVar("C", bound="PeftConfig")
+
+
+class PeftConfig:
+    """What every method's config class shares (PEFT's ``PeftConfig``): a mutable
+    dataclass that validates itself on creation by converting to an adaptc spec.
+
+    Subclasses are dataclasses with PEFT's arguments, in PEFT's order, and set
+    ``PEFT_TYPE`` (the ``peft_type`` they always have) and ``SUPPORTED`` (the arguments
+    adaptc implements; any other keeps PEFT's default or is refused by name).
+    """
+
+    PEFT_TYPE: ClassVar[str]
+    SUPPORTED: ClassVar[frozenset[str]]
+    # PEFT's PeftConfig fields, which every method's config has first
+    task_type: Any
+    peft_type: Any
+    auto_mapping: dict[str, Any] | None
+    peft_version: str | None
+    base_model_name_or_path: str | None
+    revision: str | None
+    inference_mode: bool
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType(self.PEFT_TYPE)
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            if isinstance(getattr(self, name, None), list):
+                setattr(self, name, set(getattr(self, name)))
+        self.to_spec()  # validate now: adaptc's one-line errors, with PEFT's key names
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a dict, as PEFT's ``to_dict`` (no ``runtime_config``)."""
+        out = asdict(self)  # type: ignore[call-overload]
+        out.pop("runtime_config", None)
+        return dict(out)
+
+    def to_spec(self, adapter_name: str = "default") -> Spec:
+        """The adaptc spec for this config (one adapter, called ``adapter_name``)."""
+        _refuse_unsupported(self)
+        data = {k: _plain(v) for k, v in self.to_dict().items()}
+        return from_peft_config(data, name=adapter_name)
+
+    @classmethod
+    def from_spec(
+        cls: type[C], spec: Spec, adapter_name: str, target_modules: list[str] | None = None
+    ) -> C:
+        """The config PEFT would have for one adapter of ``spec``."""
+        return cls.from_dict(spec.to_peft_config(adapter_name, target_modules=target_modules))
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """From ``adapter_config.json`` contents; keys this version does not know are dropped
+        with a warning, as PEFT does for configs written by newer versions."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"ignoring unknown {cls.__name__} keys {unknown} (written by a newer peft?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if data.get("peft_type", cls.PEFT_TYPE) != cls.PEFT_TYPE:
+            raise NotSupportedError(
+                f"peft_type {data['peft_type']!r} is not a {cls.__name__} "
+                f"(which is {cls.PEFT_TYPE}); use get_peft_config"
+            )
+        kwargs = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
+        if isinstance(kwargs.get("runtime_config"), dict):
+            kwargs["runtime_config"] = LoraRuntimeConfig(**kwargs["runtime_config"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[C], path: str | os.PathLike[str], subfolder: str | None = None
+    ) -> C:
+        """Read ``adapter_config.json`` from a directory (or the file itself); on
+        ``PeftConfig`` itself, the class of its ``peft_type`` (as PEFT's ``PeftConfig``)."""
+        data = read_config(path, subfolder)
+        target = config_class(data) if cls is PeftConfig else cls
+        return target.from_dict(data)  # type: ignore[return-value]
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` as PEFT does (sets as lists, sorted keys)."""
+        out = {k: sorted(v) if isinstance(v, set) else _plain(v) for k, v in self.to_dict().items()}
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps(out, indent=2, sort_keys=True)
+        Path(save_directory, PEFT_CONFIG_NAME).write_text(text, encoding="utf-8")
+
+    @property
+    def task_name(self) -> str | None:
+        """``task_type`` as a plain string (or None)."""
+        return None if self.task_type is None else str(_plain(self.task_type))
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     """PEFT's ``LoraConfig`` (peft 0.21), for the LoRA features adaptc implements.
 
     The arguments, their order and their defaults are PEFT's. As in PEFT, a list of
@@ -143,98 +255,67 @@ class LoraConfig:
     kasa_config: Any = None
     ensure_weight_tying: bool = False
 
-    def __post_init__(self) -> None:
-        self.peft_type = PeftType.LORA
-        if self.peft_version is None:
-            self.peft_version = PEFT_FORMAT_VERSION
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        self.to_spec()  # validate now: adaptc's one-line errors, with PEFT's key names
-
-    def to_dict(self) -> dict[str, Any]:
-        """The configuration as a dict, as PEFT's ``to_dict`` (no ``runtime_config``)."""
-        out = asdict(self)
-        out.pop("runtime_config")
-        return out
-
-    def to_spec(self, adapter_name: str = "default") -> Spec:
-        """The adaptc spec for this config (one adapter, called ``adapter_name``)."""
-        _refuse_unsupported(self)
-        data = {k: _plain(v) for k, v in self.to_dict().items()}
-        return from_peft_config(data, name=adapter_name)
-
-    @classmethod
-    def from_spec(
-        cls, spec: Spec, adapter_name: str, target_modules: list[str] | None = None
-    ) -> LoraConfig:
-        """The ``LoraConfig`` PEFT would have for one adapter of ``spec``."""
-        return cls.from_dict(spec.to_peft_config(adapter_name, target_modules=target_modules))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """From ``adapter_config.json`` contents; keys this version does not know are dropped
-        with a warning, as PEFT does for configs written by newer versions."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(
-                f"ignoring unknown LoraConfig keys {unknown} (written by a newer peft?)",
-                UserWarning,
-                stacklevel=2,
-            )
-        if data.get("peft_type", "LORA") != "LORA":
-            raise NotSupportedError(
-                f"peft_type {data['peft_type']!r} is not supported by adaptc (only LORA)"
-            )
-        kwargs = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
-        if isinstance(kwargs.get("runtime_config"), dict):
-            kwargs["runtime_config"] = LoraRuntimeConfig(**kwargs["runtime_config"])
-        return cls(**kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike[str], subfolder: str | None = None
-    ) -> LoraConfig:
-        """Read ``adapter_config.json`` from a directory (or the file itself)."""
-        file = Path(path) / subfolder if subfolder else Path(path)
-        if file.is_dir():
-            file = file / PEFT_CONFIG_NAME
-        data = json.loads(file.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"{file} does not hold a JSON object")
-        return cls.from_dict(data)
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write ``adapter_config.json`` as PEFT does (sets as lists, sorted keys)."""
-        out = {k: sorted(v) if isinstance(v, set) else _plain(v) for k, v in self.to_dict().items()}
-        os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(out, indent=2, sort_keys=True)
-        Path(save_directory, PEFT_CONFIG_NAME).write_text(text, encoding="utf-8")
-
-    @property
-    def task_name(self) -> str | None:
-        """``task_type`` as a plain string (or None)."""
-        return None if self.task_type is None else str(_plain(self.task_type))
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return False
-
-    @property
-    def is_adaption_prompt(self) -> bool:
-        return False
+    PEFT_TYPE: ClassVar[str] = "LORA"
+    SUPPORTED: ClassVar[frozenset[str]] = SUPPORTED_ARGUMENTS
 
 
-def get_peft_config(config_dict: dict[str, Any]) -> LoraConfig:
-    """PEFT's ``get_peft_config``: a config object from a dict (LoRA only)."""
-    return LoraConfig.from_dict(config_dict)
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig}  # peft_type -> class
 
 
-def _refuse_unsupported(config: LoraConfig) -> None:
-    for f in dataclasses.fields(config):
-        if f.name in SUPPORTED_ARGUMENTS:
+def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
+    """Make ``cls`` the config class of its ``PEFT_TYPE`` (a method's ``facade`` module)."""
+    CONFIG_CLASSES[cls.PEFT_TYPE] = cls
+    return cls
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """PEFT's ``get_peft_config``: a config object from a dict, by its ``peft_type``."""
+    peft_type = config_dict.get("peft_type", "LORA")
+    cls = CONFIG_CLASSES.get(_plain(peft_type))
+    if cls is None:
+        raise NotSupportedError(
+            f"peft_type {peft_type!r} is not supported by adaptc "
+            f"(supported: {', '.join(CONFIG_CLASSES)})"
+        )
+    config: PeftConfig = cls.from_dict(config_dict)
+    return config
+
+
+def config_class(data: dict[str, Any]) -> type[PeftConfig]:
+    """The config class for ``adapter_config.json`` contents (LoraConfig when unknown:
+    reading it then names the problem)."""
+    return CONFIG_CLASSES.get(_plain(data.get("peft_type", "LORA")), LoraConfig)
+
+
+def read_config(path: str | os.PathLike[str], subfolder: str | None = None) -> dict[str, Any]:
+    """``adapter_config.json`` of a directory (or the file itself), as a dict."""
+    file = Path(path) / subfolder if subfolder else Path(path)
+    if file.is_dir():
+        file = file / PEFT_CONFIG_NAME
+    data = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return data
+
+
+def config_of(compiled: nn.Module, name: str, inference_mode: bool) -> Any:
+    """The config PEFT would hold for adapter ``name`` of a compiled model (its method's
+    class: ``LoraConfig``, ``IA3Config``, …)."""
+    info = compiled_info(compiled)
+    assert info is not None
+    try:
+        data = info.spec.to_peft_config(name)
+    except ValueError:  # a selector PEFT cannot express (`types`): the resolved module paths
+        paths = [t.path for t in info.plan.targets if t.adapter == name]
+        data = info.spec.to_peft_config(name, target_modules=paths)
+    config: PeftConfig = config_class(data).from_dict(data)
+    config.inference_mode = inference_mode
+    return config
+
+
+def _refuse_unsupported(config: PeftConfig) -> None:
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        if f.name in config.SUPPORTED:
             continue
         value = getattr(config, f.name)
         if f.name == "runtime_config":
@@ -246,7 +327,7 @@ def _refuse_unsupported(config: LoraConfig) -> None:
         elif value == f.default:
             continue
         raise NotSupportedError(
-            f"LoraConfig({f.name}={value!r}): {f.name} is not supported by adaptc "
+            f"{type(config).__name__}({f.name}={value!r}): {f.name} is not supported by adaptc "
             f"(leave it at PEFT's default; see docs/peft-migration.md)"
         )
 

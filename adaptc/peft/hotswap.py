@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from torch import nn
 
-from adaptc.compiler.compile import compiled_info
-from adaptc.compiler.hotswap import hotswap, prepare_hotswap
-from adaptc.layers import LoraBranch
+from adaptc.adapters.hotswap import prepare_hotswap
+from adaptc.compiler import compiled_info
+from adaptc.io.swap import hotswap
+from adaptc.methods.lora.branch import LoraBranch
 from adaptc.peft.config import LoraConfig
 from adaptc.peft.model import PeftModel, adapter_directory
 from adaptc.peft.tuner import LoraModel, config_of

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from adaptc.compiler import compile
+from adaptc.api import compile
 from adaptc.io import resolve_adapter_dir
 from adaptc.models import AUTO_CLASSES
-from adaptc.peft.config import LoraConfig
+from adaptc.peft.config import LoraConfig, config_class, read_config
 from adaptc.peft.model import PeftModel
 from adaptc.peft.tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from adaptc.peft.tuner import freeze, unsupported
@@ -123,7 +123,8 @@ class AutoPeftModel:
             pretrained_model_name_or_path, revision=revision, cache_dir=kwargs.get("cache_dir"),
             token=kwargs.get("token"), local_files_only=kwargs.get("local_files_only", False),
         )  # fmt: skip
-        peft_config = LoraConfig.from_pretrained(directory)
+        data = read_config(directory)
+        peft_config = config_class(data).from_dict(data)
         base_name = peft_config.base_model_name_or_path
         if not base_name:
             raise ValueError(f"{directory}/adapter_config.json names no base_model_name_or_path")

@@ -11,30 +11,31 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
-from adaptc.compiler import active_adapters, compile
-from adaptc.compiler.adapters import add_adapter as core_add_adapter
-from adaptc.compiler.compile import CompileError, compiled_info
+from adaptc.adapters import active_adapters
+from adaptc.adapters.manage import add_adapter as core_add_adapter
+from adaptc.adapters.manage import recompile_reason
+from adaptc.api import compile
+from adaptc.api import load_adapter as _load_adapter
+from adaptc.compiler import compiled_info
 from adaptc.counting import print_trainable_parameters, trainable_parameters
-from adaptc.io import load_adapter as _load_adapter
 from adaptc.io import resolve_adapter_dir, save_adapter
-from adaptc.peft.config import LoraConfig, NotSupportedError
+from adaptc.io.load import add_loaded, read_spec
+from adaptc.peft.config import LoraConfig
+from adaptc.peft.forward import SPECIAL_FORWARD_ARGS, first_input, special_forward
 from adaptc.peft.tuner import (
     LoraModel,
-    _adapter_parameters,
+    adapter_parameters,
     assemble,
     config_of,
     freeze,
     unsupported,
 )
-from adaptc.spec import Spec
 
-__all__ = ["PeftModel", "check_special", "special_forward"]
-
-_SPECIAL_FORWARD_ARGS = {"alora_offsets": "aLoRA"}
+__all__ = ["PeftModel", "adapter_directory"]
 
 
 class PeftModel(nn.Module):
@@ -43,6 +44,9 @@ class PeftModel(nn.Module):
     Unlike PEFT, ``model`` is left untouched: the adapted model is a new one
     (``get_base_model()``), sharing ``model``'s frozen weights.
     """
+
+    # task type -> the class for it (adaptc.peft.tasks registers PeftModelForCausalLM, …)
+    task_classes: ClassVar[dict[str, type[PeftModel]]] = {}
 
     def __init__(
         self,
@@ -66,7 +70,7 @@ class PeftModel(nn.Module):
     def _setup(self, base_model: LoraModel) -> None:
         self.base_model = base_model
         self.peft_type = "LORA"
-        self.special_peft_forward_args = set(_SPECIAL_FORWARD_ARGS)
+        self.special_peft_forward_args = set(SPECIAL_FORWARD_ARGS)
         self.training = base_model.training = base_model.model.training  # no recursion
         _prepare_for_gradient_checkpointing(base_model.model)
 
@@ -108,12 +112,12 @@ class PeftModel(nn.Module):
 
     # --- running -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with special_forward(self.get_base_model(), kwargs, _first_input(args, kwargs)):
+        with special_forward(self.get_base_model(), kwargs, first_input(args, kwargs)):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         model: Any = self.get_base_model()
-        with special_forward(model, kwargs, _first_input(args, kwargs)):
+        with special_forward(model, kwargs, first_input(args, kwargs)):
             return model.generate(*args, **kwargs)
 
     @contextmanager
@@ -150,13 +154,10 @@ class PeftModel(nn.Module):
         if adapter_name in self.base_model.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         spec = peft_config.to_spec(adapter_name)
-        try:
+        if recompile_reason(self.base_model.model, spec) is None:
             core_add_adapter(self.base_model.model, spec)
-        except CompileError:
-            pass  # rebuilt below
-        else:
             if peft_config.inference_mode:
-                for p in _adapter_parameters(self.base_model.model, adapter_name):
+                for p in adapter_parameters(self.base_model.model, adapter_name):
                     p.requires_grad_(False)
             self.base_model.peft_config[adapter_name] = peft_config
             return
@@ -210,25 +211,20 @@ class PeftModel(nn.Module):
     def _load_in_place(
         self, model_id: Any, directory: Path, adapter_name: str, is_trainable: bool
     ) -> bool:
-        """Add the saved adapter to the adapted model in place; False when it cannot be."""
-        from adaptc.io.load import _read_spec, add_loaded
-
+        """Add the saved adapter to the adapted model in place; False when it needs the
+        model rebuilt (it changes what the other adapters share, or its name is taken)."""
         if adapter_name in self.base_model.peft_config:
             return False  # the rebuild says why
-        spec, folders = _read_spec(directory, adapter_name)
+        spec, folders = read_spec(directory, adapter_name)
         names = list(spec.adapters)
         chosen = adapter_name if adapter_name in names else names[0]
         if chosen != adapter_name and len(names) > 1:
             raise ValueError(f"{model_id} holds adapters {', '.join(names)}, not {adapter_name!r}")
-        data = spec.model_dump(by_alias=True)
-        data["adapters"] = {adapter_name: data["adapters"][chosen]}
+        one = spec.with_adapters({adapter_name: spec.adapters[chosen]})
         model = self.base_model.model
-        try:
-            add_loaded(
-                model, Spec.model_validate(data), {adapter_name: folders[chosen]}, is_trainable
-            )
-        except CompileError:
+        if recompile_reason(model, one) is not None:
             return False
+        add_loaded(model, one, {adapter_name: folders[chosen]}, is_trainable)
         config = config_of(model, adapter_name, inference_mode=not is_trainable)
         self.base_model.peft_config[adapter_name] = config
         return True
@@ -301,10 +297,8 @@ class PeftModel(nn.Module):
             names = [adapter_name]
         configs = {n: config_of(loaded, n, inference_mode=not is_trainable) for n in names}
         lora = LoraModel.from_compiled(loaded, model, configs)
-        from adaptc.peft.tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-
         task = info.spec.task_type
-        wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, cls) if task else cls
+        wrapper = PeftModel.task_classes.get(task, cls) if task else cls
         peft_model = wrapper._wrap(lora)
         if adapter_name in names and active_adapters(loaded) != (adapter_name,):
             peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
@@ -366,49 +360,6 @@ def _check_autocast(autocast_adapter_dtype: bool) -> None:
         raise unsupported(
             "autocast_adapter_dtype", False, " (adapters on a half-precision base are float32)"
         )
-
-
-@contextmanager
-def special_forward(model: nn.Module, kwargs: dict[str, Any], first: Any) -> Iterator[None]:
-    """PEFT's special forward arguments: ``adapter_names`` (a mixed-adapter batch, one name
-    per sample, ``"__base__"`` for the base model) runs inside ``adaptc.mixed_batch``; the
-    others are refused when set. ``kwargs`` loses them; ``first`` is the batch's first
-    input (its length must match ``adapter_names``)."""
-    names = kwargs.pop("adapter_names", None)
-    check_special(kwargs)
-    if names is None:
-        yield
-        return
-    if model.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-    from adaptc.compiler.mixed import BASE, adapter_names, mixed_batch
-
-    unknown = {n for n in names if n != BASE} - set(adapter_names(model))
-    if unknown:
-        raise ValueError(
-            f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}"
-        )
-    if first is not None and hasattr(first, "shape") and len(first) != len(names):
-        raise ValueError(
-            "Length of `adapter_names` should be the same as the number of inputs, but got "
-            f"{len(names)} and {len(first)} respectively."
-        )
-    with mixed_batch(model, list(names)):
-        yield
-
-
-def _first_input(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    if args:
-        return args[0]
-    return kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-
-
-def check_special(kwargs: dict[str, Any]) -> None:
-    """Refuse PEFT's special forward arguments when set (and drop them when None)."""
-    for key, feature in _SPECIAL_FORWARD_ARGS.items():
-        if kwargs.get(key) is not None:
-            raise NotSupportedError(f"{key} ({feature}) is not supported by adaptc")
-        kwargs.pop(key, None)
 
 
 def _prepare_for_gradient_checkpointing(model: Any) -> None:

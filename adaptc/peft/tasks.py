@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptc.peft.model import PeftModel, special_forward
+from adaptc.peft.forward import special_forward
+from adaptc.peft.model import PeftModel
 from adaptc.peft.tuner import unsupported
 
 __all__ = [
@@ -152,3 +153,4 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     "QUESTION_ANS": PeftModelForQuestionAnswering,
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
+PeftModel.task_classes.update(MODEL_TYPE_TO_PEFT_MODEL_MAPPING)

@@ -1,9 +1,23 @@
 """PEFT's ``LoraModel`` over an adaptc-compiled model (``peft_model.base_model``).
 
-It holds the compiled model as ``model`` (so parameter names start with
-``base_model.model.`` as in PEFT) and the user's untouched model beside it, which is what
-adding, loading, renaming or deleting an adapter recompiles: adaptc never edits a compiled
-model's adapters in place, it builds a new one and carries the trained weights over.
+:class:`LoraModel` holds the compiled model as ``model`` (so parameter names start with
+``base_model.model.`` as in PEFT) and the user's untouched model beside it. Besides
+``forward`` (with PEFT's ``adapter_names`` for mixed batches) and attribute look-ups that
+fall through to ``model``, it has:
+
+- the active adapters: ``set_adapter`` (the others freeze), ``disable_adapter_layers`` /
+  ``enable_adapter_layers`` and the ``disabled()`` context;
+- adding or loading adapters (:meth:`LoraModel.add_compiled`, used by ``PeftModel``'s
+  ``add_adapter`` and ``load_adapter``): the untouched model is compiled anew with every
+  adapter and the trained weights are carried over (:func:`assemble`, which never writes
+  a tensor shared with the untouched model);
+- ``delete_adapter`` and ``add_weighted_adapter`` (:mod:`adaptc.peft.combine`), which change
+  the compiled model in place;
+- merging: ``merge_and_unload`` and ``unload`` return a new model and this one stays
+  valid; ``merge_adapter`` / ``unmerge_adapter`` (in place) raise ``NotSupportedError``.
+
+Also the helpers the other facade modules share: :func:`config_of` (the ``LoraConfig`` PEFT
+would hold for an adapter of a compiled model), :func:`freeze` and :func:`unsupported`.
 """
 
 from __future__ import annotations
@@ -15,13 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.compiler import compile, disabled, merge, set_active
-from adaptc.compiler.adapters import delete_adapter as core_delete_adapter
-from adaptc.compiler.compile import compiled_info
+from adaptc.adapters import disabled, set_active
+from adaptc.adapters.keys import adapter_tensors
+from adaptc.adapters.manage import delete_adapter as core_delete_adapter
+from adaptc.api import compile, merge
+from adaptc.compiler import compiled_info
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.io.keys import adapter_tensors
-from adaptc.layers import LoraBranch
-from adaptc.peft.config import LoraConfig, NotSupportedError
+from adaptc.methods.base import Branch
+from adaptc.peft.combine import add_weighted_adapter
+from adaptc.peft.config import LoraConfig, NotSupportedError, config_of
+from adaptc.peft.forward import first_input, special_forward
 from adaptc.spec import Spec
 
 __all__ = ["LoraModel", "config_of", "freeze", "unsupported"]
@@ -34,19 +51,6 @@ def unsupported(what: str, value: Any, hint: str = "") -> NotSupportedError:
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def config_of(compiled: nn.Module, name: str, inference_mode: bool) -> LoraConfig:
-    """The ``LoraConfig`` PEFT would hold for adapter ``name`` of a compiled model."""
-    info = compiled_info(compiled)
-    assert info is not None
-    try:
-        config = LoraConfig.from_spec(info.spec, name)
-    except ValueError:  # a selector PEFT cannot express (`types`): the resolved module paths
-        paths = [t.path for t in info.plan.targets if t.adapter == name]
-        config = LoraConfig.from_spec(info.spec, name, target_modules=paths)
-    config.inference_mode = inference_mode
-    return config
 
 
 class LoraModel(nn.Module):
@@ -97,9 +101,7 @@ class LoraModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "adapter_names" not in kwargs:
             return self.model(*args, **kwargs)
-        from adaptc.peft.model import _first_input, special_forward
-
-        with special_forward(self.model, kwargs, _first_input(args, kwargs)):
+        with special_forward(self.model, kwargs, first_input(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -130,7 +132,7 @@ class LoraModel(nn.Module):
         set_active(self.model, names)
         for adapter in self.peft_config:
             trainable = adapter in names and not inference_mode
-            for p in _adapter_parameters(self.model, adapter):
+            for p in adapter_parameters(self.model, adapter):
                 p.requires_grad_(trainable)
 
     def disable_adapter_layers(self) -> None:
@@ -159,8 +161,6 @@ class LoraModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """PEFT's ``add_weighted_adapter`` (docs/combining.md): a new, inactive adapter."""
-        from adaptc.peft.combine import add_weighted_adapter
-
         add_weighted_adapter(
             self, adapters, weights, adapter_name, combination_type, svd_rank,
             svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method,
@@ -213,7 +213,7 @@ class LoraModel(nn.Module):
         for old, new in renames.items():
             configs[new] = config_of(source, old, inference_mode=False)
             configs[new].inference_mode = not any(
-                p.requires_grad for p in _adapter_parameters(source, old)
+                p.requires_grad for p in adapter_parameters(source, old)
             )
         self._rebuild([*current, *added], configs)
 
@@ -284,10 +284,10 @@ def _storages(model: nn.Module) -> set[int]:
     return {_storage(t) for t in tensors if not t.is_meta}
 
 
-def _adapter_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter]:
+def adapter_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter]:
     """The adapter's own parameters: LoRA weights and its ``modules_to_save`` copies."""
     for module in model.modules():
-        if isinstance(module, LoraBranch) and module.adapter == adapter:
+        if isinstance(module, Branch) and module.adapter == adapter:
             yield from module.parameters()
         elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
             yield from module.modules_to_save[adapter].parameters()

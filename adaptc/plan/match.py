@@ -25,36 +25,26 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
+from adaptc.layers import find_kind, kind_names, kinds
 from adaptc.plan.defaults import LORA_TARGET_MODULES, SEQ_CLS_HEAD_NAMES, TASK_MODULES_TO_SAVE
 from adaptc.spec.model import (
+    LAYER_TYPES,
     AllLinearTargets,
     LayerSelection,
-    LoraAdapter,
     NameTargets,
     RegexTargets,
     TypeTargets,
 )
 
-__all__ = ["LAYER_TYPE_NAMES", "TargetError", "TargetMatch", "layer_type_name", "resolve_targets"]
+__all__ = ["TargetError", "TargetMatch", "layer_type_name", "resolve_targets"]
 
-LAYER_TYPE_NAMES: dict[str, type[nn.Module]] = {
-    "nn.Linear": nn.Linear,
-    "nn.Embedding": nn.Embedding,
-    "nn.Conv1d": nn.Conv1d,
-    "nn.Conv2d": nn.Conv2d,
-    "nn.Conv3d": nn.Conv3d,
-    "nn.MultiheadAttention": nn.MultiheadAttention,
-    "transformers.Conv1D": Conv1D,
-}
-_NAME_OF_TYPE = {cls: name for name, cls in LAYER_TYPE_NAMES.items()}
-_LINEAR = (nn.Linear, Conv1D)
 # PEFT's ModulesToSaveWrapper refuses these (it cannot call them).
 _NOT_SAVABLE = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # PEFT's layer index without `layers.pattern`: the first number preceded by two segments.
@@ -76,13 +66,17 @@ class TargetError(ValueError):
     """The adapter's targets do not fit the model; the message is one line for the user."""
 
 
+# Type names the spec knows whose layers no kind adapts yet (their targets get a message
+# of their own); every other name of the spec's `types` is a registered layer kind's.
+_NOT_YET_KINDS: dict[str, type[nn.Module]] = {"nn.MultiheadAttention": nn.MultiheadAttention}
+
+
 def layer_type_name(module: nn.Module) -> str | None:
-    """The spec name of ``module``'s type (its most specific listed base class), or None."""
-    for cls in type(module).__mro__:
-        name = _NAME_OF_TYPE.get(cls)
-        if name is not None:
-            return name
-    return None
+    """The spec's type name of ``module``: its layer kind's name, or None."""
+    kind = find_kind(module)
+    if kind is not None:
+        return kind.name
+    return next((n for n, cls in _NOT_YET_KINDS.items() if isinstance(module, cls)), None)
 
 
 @dataclass(frozen=True)
@@ -92,7 +86,7 @@ class _Selector:
     label: str
     names: frozenset[str] | None = None
     regex: re.Pattern[str] | None = None
-    classes: tuple[type[nn.Module], ...] = ()
+    kinds: frozenset[str] = frozenset()  # layer kind names
     queries: tuple[str, ...] = ()  # what the user typed, for "closest names"
     exact_skips_layers: bool = False  # PEFT: `key in target_modules` bypasses the layer check
     layers_apply: bool = True  # PEFT ignores layers for a regex
@@ -105,28 +99,32 @@ class _Selector:
             return found or None
         if self.regex is not None:
             return [] if self.regex.fullmatch(key) else None
-        return [] if isinstance(module, self.classes) else None
+        return [] if layer_type_name(module) in self.kinds else None
 
 
 def resolve_targets(
     model: nn.Module,
-    adapter: LoraAdapter,
+    adapter: Any,
     *,
     supported: Callable[[nn.Module], bool] | None = None,
     supported_names: Sequence[str] = (),
     task_type: str | None = None,
+    method: str = "LoRA",
+    default_targets: Mapping[str, tuple[str, ...] | str] = LORA_TARGET_MODULES,
 ) -> TargetMatch:
-    """The modules of ``model`` that PEFT would adapt (and save) for ``adapter``.
+    """The modules of ``model`` that PEFT would adapt (and save) for ``adapter`` (a method's
+    spec model: its ``targets``, ``exclude``, ``layers`` and ``modules_to_save``).
 
-    ``supported`` says whether LoRA can wrap a module (default: PEFT's own layer types,
-    listed as :data:`LAYER_TYPE_NAMES`); ``task_type`` is the spec's, as it changes the
-    head PEFT saves and leaves out of ``all-linear``. Never touches weights.
+    ``supported`` says whether the ``method`` can wrap a module (default: any layer type
+    the spec names, as PEFT would adapt it); ``task_type`` is the spec's, as it changes
+    the head PEFT saves and leaves out of ``all-linear``; ``default_targets`` are the
+    method's targets by model type when the adapter names none. Never touches weights.
     """
     modules = [(key, module) for key, module in model.named_modules() if key]
     task = TASK_MODULES_TO_SAVE.get(task_type or "")
     guarded = adapter.modules_to_save + (task.names if task and task.guards_targets else ())
     guards = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in guarded]
-    selector = _selector(model, adapter, modules, task_type)
+    selector = _selector(model, adapter, modules, task_type, default_targets)
     excluded = _exclusion(adapter)
     layers = adapter.layers if selector.layers_apply else None
     patterns = _layer_patterns(layers)
@@ -171,7 +169,7 @@ def resolve_targets(
         if not matched:
             raise TargetError(_no_match(model, modules, selector))
         raise TargetError(_all_removed(model, selector, matched, removed, seen_indices, layers))
-    _check_supported(targets, selector, supported, supported_names)
+    _check_supported(targets, selector, supported, supported_names, method)
 
     if selector.warn_unmatched and selector.names is not None:
         for entry in sorted(selector.names - used_entries):
@@ -191,7 +189,7 @@ def resolve_targets(
 
 
 def _modules_to_save(
-    model: nn.Module, adapter: LoraAdapter, task_type: str | None, targets: set[str], label: str
+    model: nn.Module, adapter: Any, task_type: str | None, targets: set[str], label: str
 ) -> tuple[str, ...]:
     """PEFT's ``_set_trainable``: every path (shared modules too) ending with an entry."""
     task = TASK_MODULES_TO_SAVE.get(task_type or "")
@@ -222,9 +220,10 @@ def _modules_to_save(
 
 def _selector(
     model: nn.Module,
-    adapter: LoraAdapter,
+    adapter: Any,
     modules: Sequence[tuple[str, nn.Module]],
     task_type: str | None,
+    default_targets: Mapping[str, tuple[str, ...] | str],
 ) -> _Selector:
     t = adapter.targets
     if isinstance(t, NameTargets):
@@ -239,11 +238,13 @@ def _selector(
     if isinstance(t, AllLinearTargets):
         return _Selector(_label(t), names=_all_linear(model, modules, task_type))
     if isinstance(t, TypeTargets):
-        return _Selector(_label(t), classes=tuple(LAYER_TYPE_NAMES[n] for n in t.types))
-    return _default_selector(model)
+        return _Selector(_label(t), kinds=frozenset(t.types))
+    return _default_selector(model, default_targets)
 
 
-def _default_selector(model: nn.Module) -> _Selector:
+def _default_selector(
+    model: nn.Module, default_targets: Mapping[str, tuple[str, ...] | str]
+) -> _Selector:
     config = getattr(model, "config", None)
     if isinstance(config, dict):
         model_type = config.get("model_type")
@@ -254,7 +255,7 @@ def _default_selector(model: nn.Module) -> _Selector:
             f"targets is omitted, but {type(model).__name__} has no config.model_type to look up "
             "PEFT's default targets; set targets (e.g. kind: all-linear)"
         )
-    default = LORA_TARGET_MODULES.get(model_type)
+    default = default_targets.get(model_type)
     if default is None:
         raise TargetError(
             f"targets is omitted, but PEFT has no default targets for model type {model_type!r}; "
@@ -280,7 +281,8 @@ def _all_linear(
     model: nn.Module, modules: Sequence[tuple[str, nn.Module]], task_type: str | None
 ) -> frozenset[str]:
     """PEFT's ``_maybe_include_all_linear_layers``: linear paths minus the output head."""
-    names = {key for key, module in modules if isinstance(module, _LINEAR)}
+    linear = tuple(kind for kind in kinds() if kind.linear)
+    names = {key for key, module in modules if any(kind.matches(module) for kind in linear)}
     if isinstance(model, PreTrainedModel):
         head: object = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         if head is None and task_type == "SEQ_CLS":
@@ -292,7 +294,7 @@ def _all_linear(
     return frozenset(names)
 
 
-def _exclusion(adapter: LoraAdapter) -> Callable[[str], bool]:
+def _exclusion(adapter: Any) -> Callable[[str], bool]:
     exclude = adapter.exclude
     if isinstance(exclude, NameTargets):
         names = frozenset(exclude.names)
@@ -337,9 +339,11 @@ def _check_supported(
     selector: _Selector,
     supported: Callable[[nn.Module], bool] | None,
     supported_names: Sequence[str],
+    method: str,
 ) -> None:
     if supported is None:
-        supported, supported_names = _is_lora_layer_type, tuple(LAYER_TYPE_NAMES)
+        names = {*kind_names(), *_NOT_YET_KINDS}
+        supported, supported_names = _has_type_name, [n for n in LAYER_TYPES if n in names]
     listed = f"; supported: {', '.join(supported_names)}" if supported_names else ""
     for key, module in targets:
         if supported(module):
@@ -358,12 +362,13 @@ def _check_supported(
                 f"not a layer: select its layers instead (e.g. {inner!r}){listed}"
             )
         raise TargetError(
-            f"module {key!r} ({cls}) is selected by {selector.label}, but LoRA does not "
+            f"module {key!r} ({cls}) is selected by {selector.label}, but {method} does not "
             f"support its type{listed}"
         )
 
 
-def _is_lora_layer_type(module: nn.Module) -> bool:
+def _has_type_name(module: nn.Module) -> bool:
+    """PEFT's own layer types (what it would adapt), whether adaptc has a kind or not."""
     return layer_type_name(module) is not None
 
 

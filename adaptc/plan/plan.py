@@ -8,51 +8,56 @@ modules to save and the biases that will train. It works on the meta device.
 from __future__ import annotations
 
 import copy
-import math
-import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptc.layers import BranchConfig, LayerRule, rule_for, supported_names
+from adaptc.layers import LayerKind, find_kind
+from adaptc.methods.base import Method, Settings
+from adaptc.methods.registry import method
 from adaptc.plan.match import resolve_targets
-from adaptc.spec import LoraAdapter, Spec, load_spec
+from adaptc.spec import Spec, load_spec
 
-__all__ = ["Plan", "PlannedTarget", "build_plan", "pattern_value"]
+__all__ = ["Plan", "PlannedTarget", "build_plan", "model_type", "plan_target"]
 
 
 @dataclass(frozen=True)
 class PlannedTarget:
-    """One adapter on one module."""
+    """One adapter on one module: its layer kind and shapes, and its method's settings."""
 
     adapter: str
     path: str
     layer_type: str
     in_features: int
     out_features: int
-    r: int
-    lora_alpha: float
-    scaling: float
     params: int
-    use_dora: bool = False
-    fan_in_fan_out: bool = False
+    method: str
+    settings: Settings  # the method's own, e.g. LoRA's r, lora_alpha, scaling
 
-    def branch_config(self, adapter: LoraAdapter) -> BranchConfig:
-        return BranchConfig(
-            adapter=self.adapter,
-            target=self.path,
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            scaling=self.scaling,
-            lora_dropout=adapter.lora_dropout,
-            use_dora=adapter.use_dora,
-            init=adapter.init,
-            pissa_niter=adapter.pissa_niter,
-            lora_bias=adapter.lora_bias,
-            fan_in_fan_out=self.fan_in_fan_out,
-        )
+    def __getattr__(self, name: str) -> Any:
+        """The method's settings read as the target's own (``target.r`` for LoRA)."""
+        if name.startswith("__") or name == "settings":
+            raise AttributeError(name)
+        try:
+            return getattr(self.settings, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__} ({self.method}) has no attribute {name!r}"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "path": self.path,
+            "method": self.method,
+            "layer_type": self.layer_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            **method(self.method).plan_fields(self.settings),
+            "params": self.params,
+        }
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,33 @@ class Plan:
         """Parameters of the compiled model (saved modules keep their original, as in PEFT)."""
         return self.base_params + self.adapter_params + sum(n for _, _, n in self.modules_to_save)
 
+    def with_adapters(self, other: Plan) -> Plan:
+        """This plan and ``other``'s adapters (planned on the same base model) after it."""
+        return Plan(
+            self.targets + other.targets,
+            self.modules_to_save + other.modules_to_save,
+            self.trainable_biases,
+            self.base_params,
+            self.warnings + other.warnings,
+        )
+
+    def without_adapter(self, name: str) -> Plan:
+        return replace(
+            self,
+            targets=tuple(t for t in self.targets if t.adapter != name),
+            modules_to_save=tuple(s for s in self.modules_to_save if s[0] != name),
+        )
+
+    def replacing_adapter(self, name: str, targets: tuple[PlannedTarget, ...]) -> Plan:
+        """This plan with adapter ``name``'s targets replaced by ``targets``, in place."""
+        at = next((i for i, t in enumerate(self.targets) if t.adapter == name), len(self.targets))
+        others = [t for t in self.targets if t.adapter != name]
+        before = sum(1 for t in self.targets[:at] if t.adapter != name)
+        return replace(self, targets=(*others[:before], *targets, *others[before:]))
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "targets": [asdict(t) for t in self.targets],
+            "targets": [t.to_dict() for t in self.targets],
             "modules_to_save": [
                 {"adapter": a, "path": p, "params": n} for a, p, n in self.modules_to_save
             ],
@@ -94,21 +123,16 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        header = ("adapter", "module", "type", "in", "out", "r", "alpha", "scaling", "params")
-        rows = [
-            (
-                t.adapter,
-                t.path,
-                t.layer_type,
-                str(t.in_features),
-                str(t.out_features),
-                str(t.r),
-                f"{t.lora_alpha:g}",
-                f"{t.scaling:g}",
-                f"{t.params:,}",
-            )
-            for t in self.targets
-        ]
+        extra: list[str] = []  # the methods' own columns, in order of appearance
+        for m in dict.fromkeys(t.method for t in self.targets):
+            extra.extend(c for c in method(m).columns() if c not in extra)
+        header = ("adapter", "module", "type", "in", "out", *extra, "params")
+        rows = []
+        for t in self.targets:
+            entry = method(t.method)
+            own = dict(zip(entry.columns(), entry.row(t.settings), strict=True))
+            values = (t.adapter, t.path, t.layer_type, str(t.in_features), str(t.out_features))
+            rows.append((*values, *(own.get(c, "") for c in extra), f"{t.params:,}"))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -130,14 +154,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key with ``(.*\\.)?(KEY)$`` matching ``path``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
     """Resolve ``spec`` against ``model``. Raises a one-line ``ValueError`` on any problem."""
     spec = load_spec(spec)
@@ -147,27 +163,34 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
     warnings: list[str] = []
     bias_paths: set[str] = set()
     for name, adapter in spec.adapters.items():
+        entry = method(adapter.method)
+        adapter = entry.with_defaults(adapter, model_type(model))
         match = resolve_targets(
             model,
             adapter,
-            supported=lambda m: rule_for(m) is not None,
-            supported_names=supported_names(),
+            supported=lambda m, entry=entry: _supports(entry, m),  # type: ignore[misc]
+            supported_names=entry.kinds or (),
             task_type=spec.task_type,
+            method=entry.title,
+            default_targets=entry.default_targets,
         )
         warnings.extend(match.warnings)
         for path in match.targets:
             module = modules[path]
-            rule = rule_for(module)
-            assert rule is not None
-            planned = _plan_target(rule, module, path, name, adapter)
-            warnings.extend(rule.check(module, planned.branch_config(adapter)))
-            targets.append(planned)
-            if adapter.bias == "lora_only" and getattr(module, "bias", None) is not None:
+            kind = find_kind(module)
+            assert kind is not None
+            settings = entry.settings(kind, module, path, name, adapter)
+            warnings.extend(entry.check(kind, module, settings))
+            targets.append(plan_target(entry, kind, module, settings))
+            if (
+                getattr(adapter, "bias", "none") == "lora_only"
+                and getattr(module, "bias", None) is not None
+            ):
                 bias_paths.add(f"{path}.bias")
         for path in match.modules_to_save:  # get_submodule: a saved module may have two names
             numel = sum(p.numel() for p in model.get_submodule(path).parameters())
             saved.append((name, path, numel))
-        if adapter.bias == "all":
+        if getattr(adapter, "bias", "none") == "all":
             bias_paths.update(n for n, _ in model.named_parameters() if "bias" in n)
     named = dict(model.named_parameters())
     biases = tuple((p, named[p].numel()) for p in sorted(bias_paths) if p in named)
@@ -175,33 +198,41 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
     return Plan(tuple(targets), tuple(saved), biases, base, tuple(dict.fromkeys(warnings)))
 
 
-def _plan_target(
-    rule: LayerRule, module: nn.Module, path: str, name: str, adapter: LoraAdapter
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of a transformers model (PEFT's key for its defaults), or None."""
+    config = getattr(model, "config", None)
+    found = (
+        config.get("model_type")
+        if isinstance(config, dict)
+        else getattr(config, "model_type", None)
+    )
+    return found if isinstance(found, str) and found else None
+
+
+def _supports(entry: Method, module: nn.Module) -> bool:
+    kind = find_kind(module)
+    return kind is not None and entry.supports(kind)
+
+
+def plan_target(
+    entry: Method, kind: LayerKind, module: nn.Module, settings: Settings
 ) -> PlannedTarget:
-    r = int(pattern_value(dict(adapter.rank_pattern), path, adapter.r))
-    alpha = pattern_value(dict(adapter.alpha_pattern), path, adapter.lora_alpha)
-    scaling = alpha / math.sqrt(r) if adapter.use_rslora else alpha / r
-    fan_in, fan_out = rule.features(module)
-    planned = PlannedTarget(
-        adapter=name,
-        path=path,
-        layer_type=rule.name,
+    fan_in, fan_out = kind.features(module)
+    shapes = tuple((k, tuple(p.shape)) for k, p in module.named_parameters(recurse=False))
+    key = (entry.name, kind.name, type(module), shapes, replace(settings, target="", adapter=""))  # type: ignore[type-var]
+    if key not in _PARAM_COUNTS:  # layers of one shape have one count: build one meta branch
+        branch, _ = entry.make_branch(kind, _meta_twin(module), settings)
+        _PARAM_COUNTS[key] = sum(p.numel() for p in branch.parameters())
+    return PlannedTarget(
+        adapter=settings.adapter,
+        path=settings.target,
+        layer_type=kind.name,
         in_features=fan_in,
         out_features=fan_out,
-        r=r,
-        lora_alpha=alpha,
-        scaling=scaling,
-        params=0,
-        use_dora=adapter.use_dora,
-        fan_in_fan_out=rule.fan_in_fan_out(module, adapter.fan_in_fan_out),
+        params=_PARAM_COUNTS[key],
+        method=entry.name,
+        settings=settings,
     )
-    cfg = planned.branch_config(adapter)
-    shapes = tuple((k, tuple(p.shape)) for k, p in module.named_parameters(recurse=False))
-    key = (rule.name, type(module), shapes, replace(cfg, target="", adapter=""))
-    if key not in _PARAM_COUNTS:  # layers of one shape have one count: build one meta branch
-        branch, _ = rule.make_branch(_meta_twin(module), cfg)
-        _PARAM_COUNTS[key] = sum(p.numel() for p in branch.parameters())
-    return replace(planned, params=_PARAM_COUNTS[key])
 
 
 _PARAM_COUNTS: dict[tuple[Any, ...], int] = {}

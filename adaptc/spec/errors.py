@@ -159,6 +159,8 @@ def _clean_loc(root: type[BaseModel], raw: Iterable[str | int]) -> tuple[Loc, An
                 continue
         if isinstance(seg, str) and _INTERNAL_SEGMENT.match(seg):
             continue
+        if seg in _kind_values(tp) and _child_type(tp, seg) is None:  # a one-member union's tag
+            continue
         loc.append(seg)
         tp = _child_type(tp, seg)
     return tuple(loc), _unwrap(tp)
@@ -229,14 +231,16 @@ def _message(err: ErrorDetails, loc: Loc, model: Any, root: type[BaseModel]) -> 
         return "missing required field"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        members = _union_members(_unwrap(_child_type(_model_at(root, loc[:-1]), loc[-1])))
         if not tags:
-            members = _union_members(_unwrap(_child_type(_model_at(root, loc[:-1]), loc[-1])))
             tags = [str(t) for m in members or [] for t in _kind_values(m)]
+        field = next((f for m in members or [] if (f := _tag_field(m))), "kind")
         options = ", ".join(tags)
         if kind == "union_tag_not_found":
-            return f"missing 'kind' (one of: {options})"
+            return f"missing {field!r} (one of: {options})"
         tag = str(ctx.get("tag"))
-        return f"unknown kind {_clipped(tag)}; expected one of: {options}" + _did_you_mean(
+        what = "adapter method" if field == "method" else field
+        return f"unknown {what} {_clipped(tag)}; expected one of: {options}" + _did_you_mean(
             tag, tags
         )
     if kind == "literal_error" and loc == ("version",):
@@ -307,10 +311,20 @@ def _shape_hint(model: Any, value: Any) -> str:
     return ""
 
 
+_TAG_FIELDS = ("kind", "method")  # the discriminators of the spec's tagged unions
+
+
+def _tag_field(model: Any) -> str | None:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return next((f for f in _TAG_FIELDS if f in model.model_fields), None)
+    return None
+
+
 def _kind_values(model: Any) -> tuple[Any, ...]:
-    if isinstance(model, type) and issubclass(model, BaseModel) and "kind" in model.model_fields:
-        return typing.get_args(model.model_fields["kind"].annotation)
-    return ()
+    field = _tag_field(model)
+    if field is None:
+        return ()
+    return typing.get_args(model.model_fields[field].annotation)
 
 
 def _unknown_field(key: str, model: Any, root: type[BaseModel]) -> str:

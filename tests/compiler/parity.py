@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import adaptc
-from adaptc.layers import LoraBranch
+from adaptc.methods.lora.branch import LoraBranch
 
 _META_KEYS = ("peft_type", "peft_version", "auto_mapping", "runtime_config")
 

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 import adaptc
 from adaptc.compiler.trace import AdaptedLayer
-from adaptc.layers import LoraBranch
+from adaptc.methods.lora.branch import LoraBranch
 from tests.compiler.models import (
     CalledTwice,
     DummyModel,

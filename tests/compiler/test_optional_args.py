@@ -22,10 +22,11 @@ from torch import fx, nn
 from torch._dynamo.testing import CompileCounter
 
 import adaptc
+from adaptc.adapters.hotswap import prepare_hotswap
 from adaptc.compiler import retrace
-from adaptc.compiler.hotswap import hotswap, prepare_hotswap
 from adaptc.compiler.patterns import PatternGraphModule
-from adaptc.layers import LoraBranch
+from adaptc.io.swap import hotswap
+from adaptc.methods.lora.branch import LoraBranch
 from tests.compiler.models import DummyModel, NestedMLP, tiny_hf
 from tests.compiler.parity import (
     adapter_grads,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import adaptc
+from adaptc.methods.lora.branch import LoraBranch
 from tests.compiler.models import DummyModel, NestedMLP, hf_inputs, tiny_hf
 from tests.compiler.parity import (
     adapter_grads,
@@ -201,7 +202,7 @@ def test_same_seed_draws_the_same_adapter_weights_as_peft(family, init):
         for name, m in peft_model.named_modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     }
-    for branch in [m for m in compiled.modules() if isinstance(m, adaptc.layers.LoraBranch)]:
+    for branch in [m for m in compiled.modules() if isinstance(m, LoraBranch)]:
         theirs = dict(layers[branch.target].named_parameters())
         for name, param in branch.named_parameters():
             head, _, tail = name.partition(".")

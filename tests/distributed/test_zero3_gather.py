@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import adaptc
+from adaptc.adapters.keys import adapter_state_dict
 from adaptc.integrations import deepspeed as ds
-from adaptc.io.keys import adapter_state_dict
 from tests.compiler.models import NestedMLP
 
 SPEC = {

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 import adaptc
-from adaptc.io.keys import adapter_state_dict
+from adaptc.adapters.keys import adapter_state_dict
 
 GLOBAL_BATCH = 8
 SEQ = 8

@@ -21,7 +21,7 @@ import torch._dynamo
 from safetensors.torch import load_file
 
 import adaptc
-from adaptc.layers import LoraBranch
+from adaptc.methods.lora.branch import LoraBranch
 from tests.compiler.models import hf_inputs, tiny_hf
 from tests.compiler.parity import adapter_grads, build_pair, output_tensor, peft_grads
 

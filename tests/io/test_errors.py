@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adaptc
+from adaptc.adapters.keys import AdapterKeyError
 from adaptc.io import AdapterLoadError
-from adaptc.io.keys import AdapterKeyError
 from tests.compiler.models import tiny_hf
 
 QV = {"kind": "names", "names": ["q_proj", "v_proj"]}

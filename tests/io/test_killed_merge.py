@@ -13,7 +13,7 @@ import time
 import pytest
 
 import adaptc
-from adaptc._io import _JANITOR, staged_dir
+from adaptc.atomic import _JANITOR, staged_dir
 from tests.compiler.models import tiny_hf
 from tests.conftest import ROOT
 

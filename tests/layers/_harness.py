@@ -1,8 +1,9 @@
 """A one-layer compiler and its PEFT twin, for parity tests of the layer rules.
 
 ``compile_layer`` does what the compiler does for one target: trace a wrapper with the layer
-as a leaf ``call_module`` node, build the branch with the rule, register it under the layer
-as ``lora_default``, emit its nodes, rewire the base output's users, lint and recompile.
+as a leaf ``call_module`` node, build the branch with LoRA's rule for the layer's kind,
+register it under the layer as ``lora_default``, and emit the branches with the
+compiler's own pass (:func:`adaptc.compiler.passes.emit_branches`), then recompile.
 ``peft_layer`` wraps the same layer with the real ``peft`` package. ``opts`` are PEFT's
 ``LoraConfig`` keywords, translated for adaptc by ``branch_config``.
 """
@@ -21,7 +22,10 @@ import torch
 from torch import fx, nn
 from transformers.pytorch_utils import Conv1D
 
-from adaptc.layers import BranchConfig, LayerRule, LoraBranch, rule_for
+from adaptc.compiler.passes import emit_branches
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.method import rule_for
+from adaptc.methods.lora.rule import BranchConfig, LoraRule
 
 
 class Wrap(nn.Module):
@@ -137,7 +141,7 @@ def branch_config(layer: nn.Module, **opts: Any) -> BranchConfig:
         lora_alpha=alpha,
         scaling=alpha / math.sqrt(r) if opts.get("use_rslora") else alpha / r,
         lora_dropout=opts.get("lora_dropout", 0.0),
-        use_dora=opts.get("use_dora", False),
+        variant="dora" if opts.get("use_dora", False) else None,
         init=init,
         pissa_niter=niter,
         lora_bias=opts.get("lora_bias", False),
@@ -157,9 +161,17 @@ class _LeafTracer(fx.Tracer):
 @dataclass
 class Compiled:
     gm: fx.GraphModule
-    rule: LayerRule
+    rule: LoraRule
     branch: LoraBranch
     replaced: dict[str, torch.Tensor]
+    base_graph: fx.Graph  # the traced graph, without branches
+
+    def emit(self, active: list[str]) -> None:
+        """The compiler's pass: the base graph with the branches of ``active``."""
+        graph = copy.deepcopy(self.base_graph)
+        emit_branches(graph, self.gm.get_submodule, active)
+        self.gm.graph = graph
+        self.gm.recompile()
 
     @property
     def layer(self) -> nn.Module:
@@ -180,22 +192,9 @@ def compile_layer(layer: nn.Module, **opts: Any) -> Compiled:
     for name, tensor in replaced.items():
         base._parameters[name] = nn.Parameter(tensor, requires_grad=False)
     base.add_module("lora_default", branch)
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "layer")
-    before = set(gm.graph.nodes)
-    out = rule.emit(
-        gm.graph,
-        node.args[0],
-        node,
-        base=base,
-        base_path="layer",
-        branch=branch,
-        branch_path="layer.lora_default",
-    )
-    new = set(gm.graph.nodes) - before
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
-    gm.graph.lint()
-    gm.recompile()
-    return Compiled(gm, rule, branch, replaced)
+    compiled = Compiled(gm, rule, branch, replaced, copy.deepcopy(graph))
+    compiled.emit(["default"])
+    return compiled
 
 
 def peft_layer(layer: nn.Module, **opts: Any) -> tuple[peft.PeftModel, nn.Module]:
@@ -267,21 +266,5 @@ def stack_second_adapter(
     branch, _ = ours.rule.make_branch(ours.layer, cfg)
     load_from_peft(branch, module, "second")
     ours.layer.add_module("lora_second", branch)
-    graph = ours.gm.graph
-    call = next(n for n in graph.nodes if n.op == "call_module" and n.target == "layer")
-    current = next(n for n in graph.nodes if n.op == "output").args[0]
-    before = set(graph.nodes)
-    out = ours.rule.emit(
-        graph,
-        call.args[0],
-        current,
-        base=ours.layer,
-        base_path="layer",
-        branch=branch,
-        branch_path="layer.lora_second",
-    )
-    new = set(graph.nodes) - before
-    current.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
-    graph.lint()
-    ours.gm.recompile()
+    ours.emit(["default", "second"])
     return branch

@@ -17,7 +17,7 @@ from peft.tuners.lora.dora import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adaptc.layers import rule_for
+from adaptc.methods.lora.method import rule_for
 from tests.layers._harness import (
     CASE,
     CASES,

@@ -18,9 +18,6 @@ CONFIGS = {
     "one": {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 8},
     "two": {"target_modules": ["v_proj", "fc1"], "r": 2, "lora_alpha": 16, "use_rslora": True},
 }
-WIRED = hasattr(ap.PeftModel, "add_weighted_adapter") or hasattr(
-    ap.LoraModel, "add_weighted_adapter"
-)
 
 
 def pair() -> tuple[peft.PeftModel, ap.PeftModel]:
@@ -73,9 +70,11 @@ def test_existing_name_is_ignored_and_unknown_adapter_refused():
         add_weighted_adapter(ours.base_model, ["one", "three"], [1.0, 1.0], "mix")
 
 
-@pytest.mark.skipif(not WIRED, reason="PeftModel.add_weighted_adapter is not wired yet")
-def test_peft_model_method_matches_peft():
+@pytest.mark.parametrize("on", ["PeftModel", "LoraModel"])
+def test_facade_method_matches_peft(on):
     theirs, ours = pair()
+    facade = ours if on == "PeftModel" else ours.base_model
+    assert isinstance(facade, getattr(ap, on))
     theirs.add_weighted_adapter(["one", "two"], [0.5, 0.5], "mix", "svd", svd_rank=3)
-    ours.add_weighted_adapter(["one", "two"], [0.5, 0.5], "mix", "svd", svd_rank=3)
+    facade.add_weighted_adapter(["one", "two"], [0.5, 0.5], "mix", "svd", svd_rank=3)
     check(theirs, ours)

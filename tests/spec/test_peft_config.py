@@ -192,7 +192,10 @@ def test_target_modules_override_for_resolved_selectors():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"peft_type": "IA3"}, "peft_type: peft_type 'IA3' is not supported by adaptc (only LORA)"),
+        (
+            {"peft_type": "POLY"},
+            "peft_type: peft_type 'POLY' is not supported by adaptc (supported: ",
+        ),
         ({"peft_type": "LORA", "use_qalora": True}, "use_qalora: 'use_qalora' is not supported"),
         (
             {"peft_type": "LORA", "init_lora_weights": "eva"},

@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 
 import adaptc
-from adaptc.io.keys import adapter_state_dict
+from adaptc.adapters.keys import adapter_state_dict
 from adaptc.peft import LoraConfig, get_peft_model
 from tests.compiler.models import tiny_hf
 from tests.conftest import ROOT

@@ -35,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from adaptc.compiler.compile import Compiled, CompileError, compiled_info
-from adaptc.layers import LoraBranch
+from adaptc.compiler import Compiled, compiled, rebuild
+from adaptc.compiler.saved import ModulesToSave
+from adaptc.methods.base import Branch
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.embedding import EmbeddingBranch, embed_scale
+from adaptc.methods.lora.method import lora_rule
+from adaptc.methods.lora.variants import variant_title
 
 __all__ = ["BASE", "MixedBatchError", "adapter_ids", "adapter_names", "mixed_batch"]
 
@@ -71,7 +76,7 @@ class MixedState:
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:
     """The model's adapters in declared order: the meaning of the ids of a mixed batch."""
-    return tuple(_info(model).spec.adapters)
+    return tuple(compiled(model, "adapter_names()").spec.adapters)
 
 
 def adapter_ids(
@@ -102,9 +107,9 @@ def mixed_batch(model: nn.Module, ids: torch.Tensor | Sequence[str]) -> Iterator
     with its adapter active. Training works too (gradients reach each sample's adapter;
     dropout uses each adapter's own probability). Nested blocks replace the ids.
     """
-    info = _info(model)
+    info = compiled(model, "mixed_batch()")
     id_tensor = _check_ids(model, info, ids)
-    state: MixedState | None = info.__dict__.get("mixed")
+    state: MixedState | None = info.mixed
     if state is not None:  # already mixed: only the ids change
         previous = state.ids
         state.set_ids(id_tensor)
@@ -117,24 +122,16 @@ def mixed_batch(model: nn.Module, ids: torch.Tensor | Sequence[str]) -> Iterator
     state = MixedState(tuple(info.spec.adapters))
     state.set_ids(id_tensor)
     holders = _attach(model, state)
-    info.__dict__["mixed"] = state
-    from adaptc.compiler.switch import _apply
-
+    info.mixed = state
     try:
-        _apply(model, info.active, mixed=True)
+        rebuild(model, info.active, site=emit_mixed)
         yield model
     finally:
-        info.__dict__.pop("mixed", None)
+        info.mixed = None
         for module in holders:
             module.__dict__.pop(_STATE, None)
-        _apply(model, info.active)
-
-
-def _info(model: nn.Module) -> Compiled:
-    info = compiled_info(model)
-    if info is None:
-        raise CompileError("expected a model returned by adaptc.compile()")
-    return info
+            module.__dict__.pop("route", None)
+        rebuild(model, info.active)
 
 
 def _check_ids(model: nn.Module, info: Compiled, ids: torch.Tensor | Sequence[str]) -> torch.Tensor:
@@ -158,12 +155,16 @@ def _check_ids(model: nn.Module, info: Compiled, ids: torch.Tensor | Sequence[st
 
 
 def _check_supported(model: nn.Module) -> None:
-    branches = [m for m in model.modules() if isinstance(m, LoraBranch)]
+    branches = [m for m in model.modules() if isinstance(m, Branch)]
     if not branches:
-        raise MixedBatchError("the model has no LoRA branches (merged?): nothing to mix")
+        raise MixedBatchError("the model has no adapter branches (merged?): nothing to mix")
     for b in branches:
-        if getattr(b, "is_dora", False):
-            raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} uses DoRA, which mixed "
+        if not isinstance(b, LoraBranch):
+            raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} is a {b.method} adapter; "
+                                  "mixed batches support LoRA adapters only")  # fmt: skip
+        if b.variant is not None:
+            title = variant_title(b.variant)
+            raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} uses {title}, which mixed "
                                   "batches do not support")  # fmt: skip
         groups = getattr(getattr(b, "lora_B", None), "groups", 1)
         if groups != 1:
@@ -176,16 +177,24 @@ def _check_supported(model: nn.Module) -> None:
 
 def _attach(model: nn.Module, state: MixedState) -> list[nn.Module]:
     """Point every target layer and saved module at ``state``; returns them."""
-    from adaptc.compiler.saved import ModulesToSave
-
-    holders = []
+    holders: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, ModulesToSave) or any(
-            isinstance(c, LoraBranch) for c in module.children()
-        ):
+        if isinstance(module, ModulesToSave):
+            module.__dict__["route"] = _saved_route(state)
+            holders.append(module)
+        elif any(isinstance(c, LoraBranch) for c in module.children()):
             module.__dict__[_STATE] = state
             holders.append(module)
     return holders
+
+
+def _saved_route(state: MixedState) -> Any:
+    def route(module: ModulesToSave, args: Any, kwargs: Any) -> Any:
+        if state.ids is None:
+            return NotImplemented
+        return mixed_saved_forward(module, state, args, kwargs)
+
+    return route
 
 
 # --- graph emission ----------------------------------------------------------------------
@@ -194,20 +203,11 @@ def _attach(model: nn.Module, state: MixedState) -> list[nn.Module]:
 def emit_mixed(
     graph: fx.Graph, x: fx.Node, base_out: fx.Node, layer_path: str, layer: nn.Module
 ) -> fx.Node:
-    """Insert ``mixed_<kind>(x, base_out, layer)`` after ``base_out``; return it."""
-    from adaptc.layers import rule_for
-    from adaptc.layers.conv import ConvRule
-    from adaptc.layers.embedding import EmbeddingRule
-    from adaptc.layers.linear import LinearRule
-
-    rule = rule_for(layer)
-    if isinstance(rule, EmbeddingRule):
-        fn: Any = mixed_embedding
-    elif isinstance(rule, ConvRule):
-        fn = mixed_conv
-    elif isinstance(rule, LinearRule):
-        fn = mixed_linear
-    else:  # pragma: no cover - every rule is one of the above
+    """Insert ``mixed_<form>(x, base_out, layer)`` after ``base_out``; return it (the
+    kernel is the one of the layer's LoRA rule's ``batch_form``)."""
+    rule = lora_rule(layer)
+    fn = None if rule is None else _KERNELS.get(rule.batch_form)
+    if fn is None:  # pragma: no cover - every LoRA rule has a form
         raise MixedBatchError(f"{layer_path}: {type(layer).__name__} layers cannot mix")
     with graph.inserting_before(base_out.next):
         module = graph.get_attr(layer_path)
@@ -389,8 +389,6 @@ def mixed_linear(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> t
 
 
 def _embedding_stacks(layer: nn.Module, state: MixedState) -> tuple[Any, ...]:
-    from adaptc.layers.embedding import EmbeddingBranch
-
     branches = _branches(layer, state)
     present = [b for b in branches if isinstance(b, EmbeddingBranch)]
     A0, B0 = present[0].lora_embedding_A, present[0].lora_embedding_B
@@ -420,8 +418,6 @@ def _embedding_stacks(layer: nn.Module, state: MixedState) -> tuple[Any, ...]:
 
 def mixed_embedding(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``base_out`` plus each token's ``s·embed(x, Aᵀ)·Bᵀ`` for its sample's adapter."""
-    from adaptc.layers.embedding import embed_scale
-
     state, idx = _state(layer)
     table, B, scales, n_emb, padding_idx = _cached(
         layer, state, lambda: _embedding_stacks(layer, state)
@@ -498,8 +494,6 @@ def mixed_conv(x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> tor
 
 def mixed_saved_forward(module: nn.Module, state: MixedState, args: Any, kwargs: Any) -> Any:
     """A ``modules_to_save`` wrapper in a mixed batch: each sample group through its copy."""
-    from adaptc.compiler.saved import ModulesToSave
-
     assert isinstance(module, ModulesToSave) and state.slots is not None
     first = None if args else next(iter(kwargs))  # the input passed by keyword
     x = args[0] if args else kwargs[first]
@@ -524,3 +518,10 @@ def mixed_saved_forward(module: nn.Module, state: MixedState, args: Any, kwargs:
         out = out.index_copy(0, where, y)
     assert out is not None
     return out
+
+
+_KERNELS: dict[str, Any] = {
+    "linear": mixed_linear,
+    "conv": mixed_conv,
+    "embedding": mixed_embedding,
+}

@@ -17,11 +17,12 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import adaptc
-import adaptc.io.keys
+import adaptc.adapters.keys
+from adaptc.adapters.hotswap import HotswapError, is_prepared, prepare_hotswap
 from adaptc.compiler.compile import compiled_info
-from adaptc.compiler.hotswap import HotswapError, hotswap, is_prepared, prepare_hotswap
 from adaptc.io import adapter_state_dict
-from adaptc.layers.branch import SCALING_BUFFER
+from adaptc.io.swap import hotswap
+from adaptc.methods.lora.branch import SCALING_BUFFER
 from tests.compiler.models import ConvNet, DummyModel, NestedMLP, hf_inputs, tiny_hf
 from tests.compiler.parity import output_tensor
 from tests.compiler.test_untouched import assert_same, snapshot

@@ -14,9 +14,12 @@ and may hold factors padded with zeros beyond its true rank ``r``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from adaptc.methods.base import Branch
 
 __all__ = ["RANK_DIMS", "SCALING_BUFFER", "LoraBranch"]
 
@@ -25,8 +28,13 @@ SCALING_BUFFER = "scaling_tensor"
 RANK_DIMS = {"lora_A.weight": 0, "lora_B.weight": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 
 
-class LoraBranch(nn.Module):
-    """``lora_A``: in → r, ``lora_B``: r → out; the update is ``scaling · B·A``."""
+class LoraBranch(Branch):
+    """``lora_A``: in → r, ``lora_B``: r → out; the update is ``scaling · B·A``.
+
+    ``variant`` is the name of the variant that built the branch (``"dora"``), or None."""
+
+    method: ClassVar[str] = "lora"
+    variant: str | None = None
 
     def __init__(
         self,

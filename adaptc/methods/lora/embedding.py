@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
-from adaptc.layers.branch import LoraBranch
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
 
 __all__ = ["EmbeddingBranch", "EmbeddingRule", "embed_scale", "make_embedding_branch"]
 
@@ -104,18 +104,10 @@ def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
     return None
 
 
-class EmbeddingRule(LayerRule):
+class EmbeddingRule(LoraRule):
     """``y = embed(x, W₀) + s · embed(x, Aᵀ) · Bᵀ`` (× ``embed_scale`` if the layer has one)."""
 
-    name = "nn.Embedding"
-    layer_type = nn.Embedding
-
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        assert isinstance(module, nn.Embedding)
-        return module.num_embeddings, module.embedding_dim
-
-    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
-        return True  # (num_embeddings, embedding_dim) is (in, out)
+    batch_form = "embedding"  # its mixed-batch kernel (adaptc.adapters.mixed)
 
     def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
         _refuse(cfg)
@@ -143,17 +135,15 @@ class EmbeddingRule(LayerRule):
             )
         return warnings
 
-    def make_branch(
+    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
+        _refuse(cfg)
+
+    def make_plain_branch(
         self, module: nn.Module, cfg: BranchConfig
     ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
-        _refuse(cfg)
-        if cfg.use_dora:
-            from adaptc.layers.dora import make_dora_branch
-
-            return make_dora_branch(self, module, cfg)
         return make_embedding_branch(module, cfg), {}
 
-    def emit(
+    def emit_plain(
         self,
         graph: fx.Graph,
         x: fx.Node,
@@ -180,19 +170,6 @@ class EmbeddingRule(LayerRule):
                 add = emb + emb_lora_default;  emb = emb_lora_default = None
                 return add
         """
-        if getattr(branch, "is_dora", False):
-            from adaptc.layers.dora import emit_dora_branch
-
-            return emit_dora_branch(
-                self,
-                graph,
-                x,
-                base_out,
-                base=base,
-                base_path=base_path,
-                branch=branch,
-                branch_path=branch_path,
-            )
         assert isinstance(branch, EmbeddingBranch) and isinstance(base.weight, torch.Tensor)
         base_dtype = base.weight.dtype
         lora_dtype = branch.lora_embedding_A.dtype
@@ -211,11 +188,7 @@ class EmbeddingRule(LayerRule):
         # (num_embeddings, embedding_dim), PEFT's transpose(B @ A, True) * s
         return (branch.lora_embedding_B @ branch.lora_embedding_A).T * branch.scaling
 
-    def merge(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
-        if getattr(branch, "is_dora", False):
-            from adaptc.layers.dora import merge_dora
-
-            return merge_dora(self, module, branch, weight)
+    def merge_plain(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
         return Merged(weight + self.delta_weight(module, branch).to(weight.dtype))
 
 

@@ -30,20 +30,29 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from adaptc.layers.base import BranchConfig, LayerRule, Merged
-from adaptc.layers.branch import LoraBranch
-from adaptc.layers.conv import CONV_FN, make_conv_branch
-from adaptc.layers.embedding import EmbeddingBranch, emit_embed_scale, make_embedding_branch
-from adaptc.layers.linear import make_linear_branch, transpose
+from adaptc.methods.lora import variants
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.conv import CONV_FN, make_conv_branch
+from adaptc.methods.lora.embedding import (
+    EmbeddingBranch,
+    emit_embed_scale,
+    make_embedding_branch,
+)
+from adaptc.methods.lora.linear import make_linear_branch, transpose
+from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged
 
 __all__ = [
+    "DoraConv",
     "DoraConvBranch",
+    "DoraEmbedding",
     "DoraEmbeddingBranch",
+    "DoraLinear",
     "DoraLinearBranch",
-    "emit_dora_branch",
-    "make_dora_branch",
-    "merge_dora",
+    "conv_weight_norm",
+    "linear_weight_norm",
 ]
+
+NAME = "dora"
 
 
 def linear_weight_norm(
@@ -80,7 +89,7 @@ def _missing(target: str) -> ValueError:
 class DoraLinearBranch(LoraBranch):
     """DoRA on ``nn.Linear``/``Conv1D``; ``forward`` returns the layer's full output."""
 
-    is_dora = True
+    variant = NAME
 
     def __init__(self, plain: LoraBranch, magnitude: torch.Tensor) -> None:
         super().__init__(plain.lora_A, plain.lora_B, **_settings(plain))
@@ -121,7 +130,7 @@ class DoraLinearBranch(LoraBranch):
 class DoraConvBranch(LoraBranch):
     """DoRA on ``nn.Conv1d/2d/3d``; ``forward`` returns the layer's full output."""
 
-    is_dora = True
+    variant = NAME
 
     def __init__(
         self, plain: LoraBranch, magnitude: torch.Tensor, conv: nn.modules.conv._ConvNd
@@ -169,7 +178,7 @@ class DoraConvBranch(LoraBranch):
 class DoraEmbeddingBranch(EmbeddingBranch):
     """DoRA on ``nn.Embedding``; ``forward`` returns the layer's full output."""
 
-    is_dora = True
+    variant = NAME
 
     def __init__(self, plain: EmbeddingBranch, magnitude: torch.Tensor) -> None:
         super().__init__(
@@ -205,39 +214,6 @@ class DoraEmbeddingBranch(EmbeddingBranch):
         if embed_scale is not None:
             dora = dora * embed_scale
         return mag_norm_scale * base_out + dora
-
-
-def make_dora_branch(
-    rule: LayerRule, module: nn.Module, cfg: BranchConfig
-) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
-    """A DoRA branch: the plain branch's factors, and ``m = ‖W + s·B·A‖`` from them.
-
-    ``W`` is the residual base weight under PiSSA/OLoRA, as in PEFT (which initialises the
-    magnitude after the base weight was replaced). On the meta device ``m`` is left empty.
-    """
-    if cfg.lora_bias:
-        raise ValueError(f"{cfg.target}: lora_bias cannot be combined with DoRA (nor in PEFT)")
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    meta = weight.device.type == "meta"
-    with torch.no_grad():
-        if isinstance(module, nn.Embedding):
-            emb = make_embedding_branch(module, cfg)
-            eA, eB = emb.lora_embedding_A, emb.lora_embedding_B  # (r, num), (dim, r)
-            m = None if meta else linear_weight_norm(weight, eB @ eA, cfg.scaling, True)
-            return DoraEmbeddingBranch(emb, _magnitude(m, (module.embedding_dim,), eA)), {}
-        if isinstance(module, nn.modules.conv._ConvNd):
-            plain = make_conv_branch(module, cfg)
-            A, B = _factors(plain)
-            lora_weight = conv_lora_weight(A, B, weight.shape)
-            m = None if meta else conv_weight_norm(weight, lora_weight, cfg.scaling)
-            shape = (1, module.out_channels) + (1,) * (weight.dim() - 2)
-            return DoraConvBranch(plain, _magnitude(m, shape, A), module), {}
-        plain, replaced = make_linear_branch(rule, module, cfg)
-        A, B = _factors(plain)
-        base = replaced.get("weight", weight)
-        m = None if meta else linear_weight_norm(base, B @ A, cfg.scaling, plain.fan_in_fan_out)
-        return DoraLinearBranch(plain, _magnitude(m, (B.shape[0],), A)), replaced
 
 
 class _Settings(TypedDict):
@@ -278,8 +254,7 @@ def _magnitude(m: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tenso
     return m.to(like.dtype).reshape(shape)
 
 
-def emit_dora_branch(
-    rule: LayerRule,
+def _emit(
     graph: fx.Graph,
     x: fx.Node,
     base_out: fx.Node,
@@ -327,26 +302,136 @@ def emit_dora_branch(
     return out
 
 
-@torch.no_grad()
-def merge_dora(
-    rule: LayerRule, module: nn.Module, branch: LoraBranch, weight: torch.Tensor
-) -> Merged:
-    """``m / ‖W₀ + s·ΔW‖ · (weight + s·ΔW)``, the norm from the layer's unmerged weight ``W₀``.
+def _check_bias(cfg: BranchConfig) -> None:
+    if cfg.lora_bias:
+        raise ValueError(f"{cfg.target}: lora_bias cannot be combined with DoRA (nor in PEFT)")
 
-    ``weight`` may already hold other merged adapters, as in PEFT's ``merge``; the bias is
-    unchanged (DoRA cannot carry ``lora_bias``).
+
+class _Dora(variants.Variant):
+    title = "DoRA"
+
+    def emit(
+        self,
+        rule: LoraRule,
+        graph: fx.Graph,
+        x: fx.Node,
+        base_out: fx.Node,
+        *,
+        base: nn.Module,
+        base_path: str,
+        branch: LoraBranch,
+        branch_path: str,
+    ) -> fx.Node:
+        return _emit(
+            graph, x, base_out, base=base, base_path=base_path, branch=branch,
+            branch_path=branch_path,
+        )  # fmt: skip
+
+
+class DoraLinear(_Dora):
+    """DoRA on ``nn.Linear`` and ``Conv1D``: ``m = ‖W + s·B·A‖`` per output feature.
+
+    ``W`` is the residual base weight under PiSSA/OLoRA, as in PEFT (which initialises the
+    magnitude after the base weight was replaced). On the meta device ``m`` is left empty.
     """
-    delta = rule.delta_weight(module, branch)  # layout of the base weight
-    base = module.weight
-    m = branch.lora_magnitude_vector
-    assert isinstance(base, torch.Tensor) and isinstance(m, torch.Tensor)
-    if isinstance(branch, EmbeddingBranch):
-        factor = (m / linear_weight_norm(base, delta.T, 1, True)).view(1, -1)
-    elif isinstance(branch, DoraConvBranch):
+
+    @torch.no_grad()
+    def make_branch(
+        self, rule: LoraRule, module: nn.Module, cfg: BranchConfig
+    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+        _check_bias(cfg)
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        plain, replaced = make_linear_branch(rule, module, cfg)
+        A, B = _factors(plain)
+        base = replaced.get("weight", weight)
+        m = (
+            None
+            if _meta(weight)
+            else linear_weight_norm(base, B @ A, cfg.scaling, plain.fan_in_fan_out)
+        )
+        return DoraLinearBranch(plain, _magnitude(m, (B.shape[0],), A)), replaced
+
+    @torch.no_grad()
+    def merge(
+        self, rule: LoraRule, module: nn.Module, branch: LoraBranch, weight: torch.Tensor
+    ) -> Merged:
+        """``m / ‖W₀ + s·ΔW‖ · (weight + s·ΔW)``, the norm from the unmerged weight ``W₀``.
+
+        ``weight`` may already hold other merged adapters, as in PEFT's ``merge``; the
+        bias is unchanged (DoRA cannot carry ``lora_bias``)."""
+        delta, base, m = _merge_inputs(rule, module, branch)
+        transposed = branch.fan_in_fan_out
+        norm = linear_weight_norm(base, transpose(delta, transposed), 1, transposed)
+        factor = transpose((m / norm).view(-1, 1), transposed)
+        return Merged((factor * (weight + delta)).to(weight.dtype))
+
+
+class DoraConv(_Dora):
+    """DoRA on ``nn.Conv1d/2d/3d``: the magnitude has shape (1, out, 1, …)."""
+
+    @torch.no_grad()
+    def make_branch(
+        self, rule: LoraRule, module: nn.Module, cfg: BranchConfig
+    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+        _check_bias(cfg)
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        weight = module.weight
+        plain = make_conv_branch(module, cfg)
+        A, B = _factors(plain)
+        lora_weight = conv_lora_weight(A, B, weight.shape)
+        m = None if _meta(weight) else conv_weight_norm(weight, lora_weight, cfg.scaling)
+        shape = (1, module.out_channels) + (1,) * (weight.dim() - 2)
+        return DoraConvBranch(plain, _magnitude(m, shape, A), module), {}
+
+    @torch.no_grad()
+    def merge(
+        self, rule: LoraRule, module: nn.Module, branch: LoraBranch, weight: torch.Tensor
+    ) -> Merged:
+        delta, base, m = _merge_inputs(rule, module, branch)
         factor = (m / conv_weight_norm(base, delta, 1)).view((-1,) + (1,) * (base.dim() - 1))
-    else:
-        fifo = branch.fan_in_fan_out
-        norm = linear_weight_norm(base, transpose(delta, fifo), 1, fifo)
-        factor = transpose((m / norm).view(-1, 1), fifo)
-    new_weight = factor * (weight + delta)
-    return Merged(new_weight.to(weight.dtype))
+        return Merged((factor * (weight + delta)).to(weight.dtype))
+
+
+class DoraEmbedding(_Dora):
+    """DoRA on ``nn.Embedding``: one magnitude per embedding dimension."""
+
+    @torch.no_grad()
+    def make_branch(
+        self, rule: LoraRule, module: nn.Module, cfg: BranchConfig
+    ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
+        _check_bias(cfg)
+        assert isinstance(module, nn.Embedding)
+        weight = module.weight
+        emb = make_embedding_branch(module, cfg)
+        eA, eB = emb.lora_embedding_A, emb.lora_embedding_B  # (r, num), (dim, r)
+        m = None if _meta(weight) else linear_weight_norm(weight, eB @ eA, cfg.scaling, True)
+        return DoraEmbeddingBranch(emb, _magnitude(m, (module.embedding_dim,), eA)), {}
+
+    @torch.no_grad()
+    def merge(
+        self, rule: LoraRule, module: nn.Module, branch: LoraBranch, weight: torch.Tensor
+    ) -> Merged:
+        delta, base, m = _merge_inputs(rule, module, branch)
+        factor = (m / linear_weight_norm(base, delta.T, 1, True)).view(1, -1)
+        return Merged((factor * (weight + delta)).to(weight.dtype))
+
+
+def _meta(weight: torch.Tensor) -> bool:
+    return weight.device.type == "meta"
+
+
+def _merge_inputs(
+    rule: LoraRule, module: nn.Module, branch: LoraBranch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s·ΔW in the base weight's layout, the layer's unmerged weight, the magnitude)."""
+    delta = rule.delta_weight(module, branch)
+    base = rule.kind.weight(module)  # the unmerged weight, as the kind reads it
+    m = branch.lora_magnitude_vector
+    assert isinstance(m, torch.Tensor)
+    return delta, base, m
+
+
+variants.register(NAME, ("nn.Linear", "transformers.Conv1D"), DoraLinear())
+variants.register(NAME, ("nn.Conv1d", "nn.Conv2d", "nn.Conv3d"), DoraConv())
+variants.register(NAME, ("nn.Embedding",), DoraEmbedding())

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptc.layers.base import BranchConfig, LayerRule, Merged, adapter_dtype
-from adaptc.layers.branch import LoraBranch
-from adaptc.layers.init import init_factors
+from adaptc.layers import ConvKind
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.init import init_factors
+from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
 
 __all__ = ["CONV_FN", "ConvRule", "make_conv_branch"]
 
@@ -34,30 +35,24 @@ _CONV_CLS: dict[int, ConvType] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class ConvRule(LayerRule):
+class ConvRule(LoraRule):
     """``y = conv(x, W₀) + b + s · B(A(dropout(x)))``; one instance per dimensionality."""
 
-    def __init__(self, layer_type: ConvType) -> None:
-        self.layer_type = layer_type
-        self.name = f"nn.{layer_type.__name__}"
-        self.dims = {cls: n for n, cls in _CONV_CLS.items()}[layer_type]
+    batch_form = "conv"  # its mixed-batch kernel (adaptc.adapters.mixed)
 
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        assert isinstance(module, nn.modules.conv._ConvNd)
-        return module.in_channels, module.out_channels
-
-    def fan_in_fan_out(self, module: nn.Module, requested: bool) -> bool:
-        return False
+    def __init__(self, kind: ConvKind) -> None:
+        super().__init__(kind)
+        self.dims = kind.dims
 
     def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
-        _refuse(module, cfg)
+        self.refuse(module, cfg)
         warnings = super().check(module, cfg)
         assert isinstance(module, nn.modules.conv._ConvNd)
         if module.groups > 1:
             warnings.append(
                 f"{cfg.target}: groups={module.groups}; the branch cannot be merged (nor in PEFT)"
             )
-            if cfg.use_dora:
+            if cfg.variant == "dora":
                 warnings.append(
                     f"{cfg.target}: DoRA with groups > 1 computes its weight norm with PEFT's "
                     "reshaping of B·A, which does not respect the groups"
@@ -71,14 +66,12 @@ class ConvRule(LayerRule):
             warnings.append(f"{cfg.target}: lora_bias on a layer without bias cannot be merged")
         return warnings
 
-    def make_branch(
+    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
+        _refuse(module, cfg)
+
+    def make_plain_branch(
         self, module: nn.Module, cfg: BranchConfig
     ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
-        _refuse(module, cfg)
-        if cfg.use_dora:
-            from adaptc.layers.dora import make_dora_branch
-
-            return make_dora_branch(self, module, cfg)
         return make_conv_branch(module, cfg), {}
 
     def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
@@ -95,10 +88,6 @@ class ConvRule(LayerRule):
 
     def merge(self, module: nn.Module, branch: LoraBranch, weight: torch.Tensor) -> Merged:
         _refuse_merge(module, branch)
-        if getattr(branch, "is_dora", False):
-            from adaptc.layers.dora import merge_dora
-
-            return merge_dora(self, module, branch, weight)
         return super().merge(module, branch, weight)
 
 

@@ -10,56 +10,37 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from torch import fx, nn
+from torch import nn
 
-from adaptc.compiler.compile import Compiled, CompileError, compiled_info
-from adaptc.compiler.passes import insert_branches
-from adaptc.compiler.saved import ModulesToSave
-from adaptc.compiler.trace import is_adapted_graph
+from adaptc.compiler import CompileError, compiled, rebuild
 
 __all__ = ["active_adapters", "disabled", "set_active"]
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    return _info(model).active
+    return compiled(model, "active_adapters()").active
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters of ``model`` (in place; a no-op for the weights)."""
-    info = _info(model)
+    info = compiled(model, "set_active()")
     chosen = (names,) if isinstance(names, str) else tuple(names)
     unknown = [n for n in chosen if n not in info.spec.adapters]
     if unknown:
         raise CompileError(
             f"the model has no adapter {unknown[0]!r} (has: {', '.join(info.spec.adapters)})"
         )
-    _apply(model, chosen)
+    rebuild(model, chosen)
     info.active = chosen
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block: outputs equal the original model's."""
-    info = _info(model)
+    info = compiled(model, "disabled()")
     previous = info.active
-    _apply(model, ())
+    rebuild(model, ())
     try:
         yield model
     finally:
-        _apply(model, previous)
-
-
-def _apply(model: nn.Module, active: tuple[str, ...], *, mixed: bool = False) -> None:
-    for module in model.modules():
-        if is_adapted_graph(module):
-            assert isinstance(module, fx.GraphModule)
-            insert_branches(module, active, mixed=mixed)
-        elif isinstance(module, ModulesToSave):
-            module.active_adapter = next((a for a in active if a in module.modules_to_save), None)
-
-
-def _info(model: nn.Module) -> Compiled:
-    info = compiled_info(model)
-    if info is None:
-        raise CompileError("expected a model returned by adaptc.compile()")
-    return info
+        rebuild(model, previous)

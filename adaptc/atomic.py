@@ -1,4 +1,13 @@
-"""Atomic writes: a temp file (or directory) beside the target, then ``os.replace``."""
+"""Atomic writes: a temp file (or directory) beside the target, then ``os.replace``.
+
+The one implementation of temp-then-rename writes in adaptc:
+
+- :func:`atomic_write_bytes` / :func:`atomic_write_text`: one file;
+- :func:`staged_dir`: a whole directory, which appears whole or not at all (a janitor
+  process cleans up after a killed writer);
+- :func:`staged_files`: files inside a directory: a new directory appears whole, in an
+  existing one each file is replaced atomically and the others are kept.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +18,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "staged_dir", "staging_dir"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "staged_dir",
+    "staged_files",
+    "staging_dir",
+]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -100,3 +115,33 @@ def staged_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
         janitor.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):  # it only removes files
             janitor.wait(timeout=10)
+
+
+@contextmanager
+def staged_files(out: str | Path, files: Sequence[str | Path]) -> Iterator[Path]:
+    """Write ``files`` (paths relative to the directory ``out``) into ``out`` atomically.
+
+    Yields an empty staging directory beside ``out``, in which the block writes each of
+    ``files``. When the block succeeds, each file is fsynced; a missing ``out`` is then the
+    staging directory renamed (it appears whole at once), while in an existing ``out`` each
+    file is replaced atomically, in the order given, and the other files there are kept.
+    The staging directory is removed in any case. Unlike :func:`staged_dir` there is no
+    janitor: a writer killed mid-block may leave the ``.NAME.XXXXXXXX.partial`` directory.
+    """
+    target = Path(out)
+    rels = [Path(rel) for rel in files]
+    staging = staging_dir(target)
+    try:
+        yield staging
+        for rel in rels:
+            with (staging / rel).open("rb") as fh:
+                os.fsync(fh.fileno())
+        if not target.exists():
+            os.replace(staging, target)  # the whole directory appears at once
+            return
+        for rel in rels:
+            dest = target / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

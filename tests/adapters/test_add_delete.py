@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adaptc
-from adaptc.compiler.adapters import add_adapter, delete_adapter
+from adaptc.adapters.manage import add_adapter, delete_adapter
 from tests.compiler.models import NestedMLP, hf_inputs, tiny_hf
 from tests.compiler.parity import output_tensor, peft_config, share_adapter_weights
 

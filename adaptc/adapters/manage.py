@@ -14,21 +14,18 @@ from typing import Any
 
 from torch import fx, nn
 
+from adaptc.compiler import CompileError, compiled, rebuild
 from adaptc.compiler.clone import share_clone
-from adaptc.compiler.compile import (
-    Compiled,
-    CompileError,
-    _unwrap_adapted_layers,
-    compiled_info,
-)
-from adaptc.compiler.passes import insert_branches
-from adaptc.compiler.saved import ModulesToSave, _trainable_copy
-from adaptc.compiler.trace import _wrap_leaf, is_adapted_graph
-from adaptc.layers import LoraBranch, rule_for
+from adaptc.compiler.compile import unwrap_adapted_layers
+from adaptc.compiler.saved import ModulesToSave, trainable_copy
+from adaptc.compiler.trace import is_adapted_graph, wrap_leaf
+from adaptc.layers import kind_of
+from adaptc.methods.base import Branch
+from adaptc.methods.registry import method
 from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, load_spec
 
-__all__ = ["add_adapter", "delete_adapter"]
+__all__ = ["add_adapter", "delete_adapter", "recompile_reason"]
 
 
 def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
@@ -38,7 +35,7 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     ``modules_to_save`` must already be saved by the model, and their bias mode ``none``
     (both change modules other adapters share: compile the original with every adapter).
     """
-    info = _info(model)
+    info = compiled(model, "add_adapter()")
     new_spec = load_spec(spec)
     names = list(new_spec.adapters)
     taken = sorted(set(names) & set(info.spec.adapters))
@@ -47,85 +44,85 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     plan = build_plan(_original_view(model), _with_task(new_spec, info.spec))
     layers = _layers_by_original_path(model)
     saved = {p: m for p, m in layers.items() if isinstance(m, ModulesToSave)}
-    for name, settings in new_spec.adapters.items():
-        if settings.bias != "none":
-            raise CompileError(f"adapter {name!r}: bias {settings.bias!r} needs a recompile")
+    reason = _recompile_reason(new_spec, plan, saved)
+    if reason is not None:
+        raise CompileError(reason)
+    called = _called_layers(model)
+    built = []  # every branch first: a refusal leaves the model as it was
+    for target in plan.targets:
+        layer = layers[target.path]
+        entry = method(target.method)
+        branch, replaced = entry.make_branch(kind_of(layer), layer, target.settings)
+        assert not replaced, "_recompile_reason refuses inits that rewrite base weights"
+        built.append((layer, entry.child_name(target.adapter), branch))
+    for layer, child_name, branch in built:
+        layer.add_module(child_name, branch)
+        if id(layer) not in called:
+            _replace(model, layer, wrap_leaf(layer))
+            called.add(id(layer))
+    for name, path, _ in plan.modules_to_save:
+        saved[path].modules_to_save[name] = trainable_copy(saved[path].original_module)
+    info.spec = info.spec.with_adapters({**info.spec.adapters, **new_spec.adapters})
+    info.plan = info.plan.with_adapters(plan)
+    rebuild(model, info.active)
+    return names
+
+
+def recompile_reason(model: nn.Module, spec: Spec | Any) -> str | None:
+    """Why the adapters of ``spec`` cannot be added to the compiled ``model`` in place (they
+    change what the model's other adapters share), or None when :func:`add_adapter` can."""
+    info = compiled(model, "recompile_reason()")
+    new_spec = load_spec(spec)
+    plan = build_plan(_original_view(model), _with_task(new_spec, info.spec))
+    layers = _layers_by_original_path(model)
+    saved = {p: m for p, m in layers.items() if isinstance(m, ModulesToSave)}
+    return _recompile_reason(new_spec, plan, saved)
+
+
+def _recompile_reason(spec: Spec, plan: Plan, saved: dict[str, ModulesToSave]) -> str | None:
+    for name, settings in spec.adapters.items():
+        bias = getattr(settings, "bias", "none")
+        if bias != "none":
+            return f"adapter {name!r}: bias {bias!r} needs a recompile"
+        init = getattr(settings, "init", None)
+        if init in _REWRITING_INITS:
+            return (
+                f"adapter {name!r}: init {init!r} rewrites base weights other adapters share; "
+                "compile the original model with every adapter"
+            )
     for name, path, _ in plan.modules_to_save:
         if path not in saved:
-            raise CompileError(
+            return (
                 f"adapter {name!r} saves {path}, which the model does not save yet: "
                 "compile the original model with every adapter"
             )
-    called = _called_layers(model)
-    for target in plan.targets:
-        layer = layers[target.path]
-        rule = rule_for(layer)
-        assert rule is not None
-        settings = new_spec.adapters[target.adapter]
-        branch, replaced = rule.make_branch(layer, target.branch_config(settings))
-        if replaced:
-            raise CompileError(
-                f"adapter {target.adapter!r}: init {settings.init!r} rewrites base weights "
-                "other adapters share; compile the original model with every adapter"
-            )
-        layer.add_module(f"lora_{target.adapter}", branch)
-        if id(layer) not in called:
-            _replace(model, layer, _wrap_leaf(layer))
-            called.add(id(layer))
-    for name, path, _ in plan.modules_to_save:
-        saved[path].modules_to_save[name] = _trainable_copy(saved[path].original_module)
-    merged_spec = Spec.model_validate(
-        {
-            **info.spec.model_dump(by_alias=True),
-            "adapters": {**info.spec.adapters, **new_spec.adapters},
-        }
-    )
-    info.spec = merged_spec
-    info.plan = Plan(
-        info.plan.targets + plan.targets,
-        info.plan.modules_to_save + plan.modules_to_save,
-        info.plan.trainable_biases,
-        info.plan.base_params,
-        info.plan.warnings + plan.warnings,
-    )
-    _refresh(model, info.active)
-    return names
+    return None
+
+
+_REWRITING_INITS = ("pissa", "olora")  # inits that replace the base weight (PiSSA, OLoRA)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from the compiled ``model`` (in place)."""
-    info = _info(model)
+    info = compiled(model, "delete_adapter()")
     if name not in info.spec.adapters:
         raise CompileError(
             f"the model has no adapter {name!r} (has: {', '.join(info.spec.adapters)})"
         )
     if len(info.spec.adapters) == 1:
         raise CompileError(f"{name!r} is the model's only adapter: use the original model instead")
+    child_name = method(info.spec.adapters[name].method).child_name(name)
     for module in model.modules():
-        child = module._modules.get(f"lora_{name}")
-        if isinstance(child, LoraBranch):
-            del module._modules[f"lora_{name}"]
+        if isinstance(module._modules.get(child_name), Branch):
+            del module._modules[child_name]
         if isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]
     adapters = {k: v for k, v in info.spec.adapters.items() if k != name}
-    info.spec = Spec.model_validate({**info.spec.model_dump(by_alias=True), "adapters": adapters})
-    info.plan = Plan(
-        tuple(t for t in info.plan.targets if t.adapter != name),
-        tuple(s for s in info.plan.modules_to_save if s[0] != name),
-        info.plan.trainable_biases,
-        info.plan.base_params,
-        info.plan.warnings,
-    )
+    info.spec = info.spec.with_adapters(adapters)
+    info.plan = info.plan.without_adapter(name)
     active = tuple(a for a in info.active if a != name) or (next(iter(adapters)),)
-    _refresh(model, active)
+    rebuild(model, active)
     info.active = active
-
-
-def _info(model: nn.Module) -> Compiled:
-    info = compiled_info(model)
-    if info is None:
-        raise CompileError("expected a model returned by adaptc.compile()")
-    return info
 
 
 def _with_task(spec: Spec, compiled: Spec) -> Spec:
@@ -139,18 +136,18 @@ def _original_view(model: nn.Module) -> nn.Module:
     view = share_clone(model)
     for module in list(view.modules()):
         for key, child in list(module._modules.items()):
-            if isinstance(child, LoraBranch):
+            if isinstance(child, Branch):
                 del module._modules[key]
             elif isinstance(child, ModulesToSave):
                 module._modules[key] = child.original_module
-    return _unwrap_adapted_layers(view)
+    return unwrap_adapted_layers(view)
 
 
 def _layers_by_original_path(model: nn.Module) -> dict[str, nn.Module]:
     """Modules by their path in the original model; a wrapped layer maps to the layer."""
     out: dict[str, nn.Module] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LoraBranch):
+        if isinstance(module, Branch):
             continue
         if path == "base_layer" or path.endswith(".base_layer"):
             out[path.removesuffix("base_layer").removesuffix(".")] = module
@@ -176,12 +173,3 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         for key, child in list(module._modules.items()):
             if child is old and module is not new:
                 module._modules[key] = new
-
-
-def _refresh(model: nn.Module, active: tuple[str, ...]) -> None:
-    for module in model.modules():
-        if is_adapted_graph(module):
-            assert isinstance(module, fx.GraphModule)
-            insert_branches(module, active)
-        elif isinstance(module, ModulesToSave):
-            module.active_adapter = next((a for a in active if a in module.modules_to_save), None)

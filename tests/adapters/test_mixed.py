@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adaptc
-from adaptc.compiler.mixed import MixedBatchError, adapter_ids, adapter_names, mixed_batch
+from adaptc.adapters.mixed import MixedBatchError, adapter_ids, adapter_names, mixed_batch
 from tests.compiler.models import ConvNet, tiny_hf
 from tests.compiler.parity import share_adapter_weights
 
@@ -330,7 +330,9 @@ def test_dora_cannot_mix():
 
 def test_a_merged_model_cannot_mix():
     model = adaptc.compile(tiny_hf("llama"), three_adapters())
-    with pytest.raises(adaptc.CompileError, match=r"expected a model returned by adaptc\.compile"):
+    with pytest.raises(
+        adaptc.CompileError, match=r"mixed_batch\(\) takes a model returned by adaptc\.compile"
+    ):
         enter(adaptc.merge(model), ["a"])
 
 

@@ -1,8 +1,9 @@
 """PEFT's adapter state dict: which tensors an adapter file holds, under which keys.
 
 Keys are those PEFT writes: ``base_model.model.<module path>.<tensor>``, the adapter name
-removed. LoRA tensors keep their names (``lora_A.weight``, ``lora_B.weight``/``.bias``,
-``lora_embedding_A``/``_B``, ``lora_magnitude_vector``); biases trained by the bias mode
+removed. A branch's tensors are named by its method (``Branch.file_tensors``: LoRA's
+``lora_A.weight``, ``lora_B.weight``/``.bias``, ``lora_embedding_A``/``_B``,
+``lora_magnitude_vector``; IA3's ``ia3_l``); biases trained by the bias mode
 and ``modules_to_save`` copies are stored under the original module paths, with PEFT's
 ``base_layer`` segment for layers that carry an adapter.
 """
@@ -14,9 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from adaptc.compiler.compile import Compiled, compiled_info
+from adaptc.compiler import compiled
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.layers import LoraBranch
+from adaptc.methods.base import Branch
 
 __all__ = [
     "PREFIX",
@@ -37,13 +38,13 @@ class AdapterKeyError(ValueError):
 
 def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(PEFT key, tensor of the compiled model)`` for every tensor the adapter file holds."""
-    info = _info(model)
+    info = compiled(model, "saving an adapter")
     targets = {t.path for t in info.plan.targets if t.adapter == adapter}
     for branch in adapter_branches(model, adapter):
         for name, param in branch.file_tensors():  # cut to the true rank when padded
             yield f"{PREFIX}{branch.target}.{name}", param
     settings = info.spec.adapters[adapter]
-    if settings.bias != "none":
+    if getattr(settings, "bias", "none") != "none":
         params = _params_by_original_name(model)
         for name, _ in info.plan.trainable_biases:
             if name not in params:  # e.g. the bias of a saved module: saved with its copy
@@ -84,18 +85,11 @@ def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor
     return out
 
 
-def _info(model: nn.Module) -> Compiled:
-    info = compiled_info(model)
-    if info is None:
-        raise ValueError("expected a model returned by adaptc.compile() or adaptc.load_adapter()")
-    return info
-
-
-def adapter_branches(model: nn.Module, adapter: str) -> list[LoraBranch]:
+def adapter_branches(model: nn.Module, adapter: str) -> list[Branch]:
     """The adapter's branches, one per target (a shared layer's branch once)."""
-    seen: dict[str, LoraBranch] = {}
+    seen: dict[str, Branch] = {}
     for module in model.modules():
-        if isinstance(module, LoraBranch) and module.adapter == adapter:
+        if isinstance(module, Branch) and module.adapter == adapter:
             seen.setdefault(module.target, module)
     return [seen[k] for k in seen]
 
@@ -115,7 +109,7 @@ def _original_paths(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def _params_by_original_name(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path, module in _original_paths(model):
-        if isinstance(module, LoraBranch):
+        if isinstance(module, Branch):
             continue
         for name, p in module.named_parameters(recurse=False):
             out.setdefault(f"{path}.{name}" if path else name, p)
@@ -124,7 +118,7 @@ def _params_by_original_name(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _layer(model: nn.Module, path: str) -> nn.Module:
     for original, module in _original_paths(model):
-        if original == path and any(isinstance(c, LoraBranch) for c in module.children()):
+        if original == path and any(isinstance(c, Branch) for c in module.children()):
             return module
     raise KeyError(path)
 

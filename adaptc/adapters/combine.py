@@ -4,7 +4,7 @@
 ``combine_adapters(model, ["a", "b"], [0.7, 0.3], "ab")`` builds the new adapter's spec from
 the sources as PEFT builds its config — the first adapter's settings with ``r`` (and
 ``lora_alpha = r``) from the combination type, the union of the targets and no rank/alpha
-patterns — adds it with :func:`~adaptc.compiler.adapters.add_adapter`, then fills each of
+patterns — adds it with :func:`~adaptc.adapters.manage.add_adapter`, then fills each of
 its branches from the branches of the sources on the same layer:
 
 * ``cat``: ``A = [w₁s₁A₁; w₂s₂A₂]``, ``B = [B₁ B₂]``, so ``B·A = Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` exactly;
@@ -32,19 +32,16 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from adaptc.compiler.adapters import add_adapter, delete_adapter
-from adaptc.compiler.compile import AdaptcWarning, Compiled, CompileError, compiled_info
+from adaptc.adapters.manage import add_adapter, delete_adapter
+from adaptc.adapters.switch import set_active
+from adaptc.compiler import AdaptcWarning, Compiled, CompileError, compiled
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.compiler.switch import set_active
-from adaptc.layers import EmbeddingBranch, LoraBranch, rule_for
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.embedding import EmbeddingBranch
+from adaptc.methods.lora.method import rule_for
+from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.spec import Spec
-from adaptc.spec.model import (
-    ADAPTER_NAME_PATTERN,
-    LoraAdapter,
-    NameTargets,
-    RegexTargets,
-    Targets,
-)
+from adaptc.spec.fields import ADAPTER_NAME_PATTERN, NameTargets, RegexTargets, Targets
 
 __all__ = ["COMBINATION_TYPES", "combine_adapters"]
 
@@ -61,16 +58,16 @@ CombinationType = Literal[
     "magnitude_prune",
     "magnitude_prune_svd",
 ]
-# merging rule -> (how each task tensor is pruned, whether signs are elected as in TIES)
-_RULES: dict[str, tuple[Literal["magnitude", "random"] | None, bool]] = {
+# merging type -> (how each task tensor is pruned, whether signs are elected as in TIES)
+_MERGING: dict[str, tuple[Literal["magnitude", "random"] | None, bool]] = {
     "linear": (None, False),
     "ties": ("magnitude", True),
     "dare_linear": ("random", False),
     "dare_ties": ("random", True),
     "magnitude_prune": ("magnitude", False),
 }
-_SVD = {"svd": "linear"} | {f"{k}_svd": k for k in _RULES if k != "linear"}
-COMBINATION_TYPES: tuple[str, ...] = ("cat", *_RULES, *_SVD)
+_SVD = {"svd": "linear"} | {f"{k}_svd": k for k in _MERGING if k != "linear"}
+COMBINATION_TYPES: tuple[str, ...] = ("cat", *_MERGING, *_SVD)
 
 
 @torch.no_grad()
@@ -94,7 +91,7 @@ def combine_adapters(
     the TIES types, ``svd_*`` by the SVD types. The new adapter is inactive
     (``adaptc.set_active`` chooses) and its parameters do not require grad.
     """
-    info = _info(model)
+    info = compiled(model, "combine_adapters()")
     _check(info, model, adapters, weights, name, combination_type)
     kind = "linear" if len(adapters) == 1 else combination_type  # PEFT: one adapter is linear
     settings = _new_settings(info, adapters, kind, svd_rank)
@@ -127,13 +124,6 @@ class _Options:
     majority_sign_method: str
 
 
-def _info(model: nn.Module) -> Compiled:
-    info = compiled_info(model)
-    if info is None:
-        raise CompileError("expected a model returned by adaptc.compile()")
-    return info
-
-
 def _check(
     info: Compiled,
     model: nn.Module,
@@ -148,6 +138,12 @@ def _check(
         if adapter not in info.spec.adapters:
             raise CompileError(
                 f"Adapter {adapter} does not exist (has: {', '.join(info.spec.adapters)})"
+            )
+    for adapter in adapters:
+        if not isinstance(info.spec.adapters[adapter], LoraAdapter):
+            raise CompileError(
+                f"adapter {adapter!r} is a {info.spec.adapters[adapter].method} adapter; "
+                "only LoRA adapters can be combined"
             )
     if len(weights) != len(adapters):
         raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters: one each")
@@ -182,7 +178,7 @@ def _check(
 
 def _check_merge_args(kind: str, density: float | None, sign_method: str) -> None:
     rule = _SVD.get(kind, kind)
-    if rule in _RULES and _RULES[rule][0] is not None:
+    if rule in _MERGING and _MERGING[rule][0] is not None:
         if density is None:
             raise ValueError(f"combination_type {kind!r} needs density (the fraction kept, 0..1)")
         if density < 0:
@@ -251,7 +247,8 @@ def _union_targets(info: Compiled, adapters: Sequence[str]) -> Targets | None:
             "with name lists is not supported (PEFT: target_modules str vs list)"
         )
     if all(t == chosen[0] for t in chosen):
-        return chosen[0]
+        first: Targets | None = chosen[0]
+        return first
     names: dict[str, None] = {}
     for adapter, targets in zip(adapters, chosen, strict=True):
         if isinstance(targets, NameTargets):
@@ -387,7 +384,7 @@ def _merge(
     rule: str, tensors: list[torch.Tensor], weights: torch.Tensor, options: _Options
 ) -> torch.Tensor:
     """``Σ wᵢ·tᵢ`` after pruning each ``tᵢ``; with TIES, only values of the elected sign."""
-    method, elect = _RULES[rule]
+    method, elect = _MERGING[rule]
     density = options.density
     if method is not None and density is not None and density < 1:
         tensors = [_prune(t, density, method) for t in tensors]

@@ -19,26 +19,22 @@ recorded spec and plan become the new adapter's, and each branch keeps its true 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from adaptc.compiler.compile import Compiled, CompileError, compiled_info
-from adaptc.compiler.passes import insert_branches
-from adaptc.compiler.trace import is_adapted_graph
-from adaptc.io.keys import PREFIX, AdapterKeyError, adapter_tensors
-from adaptc.io.load import AdapterLoadError, _read_spec, _read_weights, resolve_adapter_dir
-from adaptc.layers import LoraBranch
-from adaptc.layers.branch import RANK_DIMS, SCALING_BUFFER
-from adaptc.layers.dora import DoraConvBranch
-from adaptc.plan.plan import PlannedTarget, _plan_target
-from adaptc.spec import LoraAdapter, Spec, SpecError, from_peft_config, load_spec
+from adaptc.adapters.keys import PREFIX, AdapterKeyError, adapter_tensors
+from adaptc.compiler import Compiled, CompileError, compiled, compiled_info, rebuild
+from adaptc.layers import kind_of
+from adaptc.methods.lora.branch import RANK_DIMS, SCALING_BUFFER, LoraBranch
+from adaptc.methods.lora.dora import DoraConvBranch, conv_weight_norm, linear_weight_norm
+from adaptc.methods.lora.method import METHOD as LORA
+from adaptc.methods.lora.rule import BranchConfig
+from adaptc.methods.lora.spec import LoraAdapter
+from adaptc.plan.plan import PlannedTarget, plan_target
 
-__all__ = ["HotswapError", "hotswap", "is_prepared", "prepare_hotswap"]
+__all__ = ["HotswapError", "hotswap_tensors", "is_prepared", "prepare_hotswap"]
 
 _PREPARE = "call adaptc.prepare_hotswap(model, max_rank=...) before torch.compile"
 
@@ -62,7 +58,7 @@ def prepare_hotswap(
         raise HotswapError(
             "prepare_hotswap() must be called before torch.compile: it changes the generated code"
         )
-    if info.__dict__.get("mixed") is not None:
+    if info.mixed is not None:
         raise HotswapError(
             "prepare_hotswap() cannot run inside adaptc.mixed_batch(): call it before"
         )
@@ -93,7 +89,7 @@ def prepare_hotswap(
                 branch.register_buffer(
                     SCALING_BUFFER, _scaling_tensor(branch, branch.scaling), persistent=False
                 )
-    _regenerate(model, info.active)
+    rebuild(model, info.active)
 
 
 def is_prepared(model: nn.Module, adapter: str = "default") -> bool:
@@ -102,85 +98,37 @@ def is_prepared(model: nn.Module, adapter: str = "default") -> bool:
     return bool(branches) and all(SCALING_BUFFER in b._buffers for b in branches)
 
 
-def hotswap(
+def hotswap_tensors(
     model: nn.Module,
-    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    settings: LoraAdapter,
+    state: dict[str, torch.Tensor],
     adapter: str = "default",
     *,
-    config: Spec | LoraAdapter | Mapping[str, Any] | None = None,
+    where: str = "the state dict",
 ) -> None:
-    """Replace adapter ``adapter`` of ``model`` with the one at ``source``, in place.
+    """Replace adapter ``adapter`` of ``model`` by ``settings`` and its tensors ``state``
+    (by PEFT key), in place; ``where`` names their source in messages.
 
-    ``source`` is an adapter directory (adaptc's or peft's, as ``load_adapter`` reads) or a
-    hub id (downloaded as peft does), or a state dict in PEFT's keys with its ``config`` (a PEFT
-    ``adapter_config.json`` dict, a spec, or a ``LoraAdapter``). The new adapter may target
-    a subset of the old one's layers (the others get zero weights) and have another rank
-    (up to the prepared ``max_rank``) or scaling (if prepared). Nothing is written unless
-    every check passes. The model may be wrapped by ``torch.compile``.
+    The new adapter may target a subset of the old one's layers (the others get zero
+    weights) and have another rank (up to the prepared ``max_rank``) or scaling (if
+    prepared). Nothing is written unless every check passes. The model may be wrapped by
+    ``torch.compile``. (``adaptc.hotswap`` reads a directory, a hub id or a state dict and
+    calls this.)
     """
     model = getattr(model, "_orig_mod", model)
     info = _info(model, "hotswap")
     _check_names(info, [adapter])
-    where, settings, state = _read_source(source, adapter, config)
+    if not isinstance(settings, LoraAdapter):
+        raise HotswapError(f"{where} holds a {settings.method} adapter; hotswapping is for LoRA")
     swaps, placeholders = _plan_swaps(model, info, adapter, settings, state, where)
     with torch.no_grad():
         for swap in swaps:
             swap.apply()
         for branch in placeholders:
             _empty(model, branch)
-    spec = info.spec.model_dump(by_alias=True)
-    spec["adapters"] = {**info.spec.adapters, adapter: settings}
-    info.spec = Spec.model_validate(spec)
-    ours = [s.planned for s in swaps if s.planned is not None]  # in the model's order
-    old_targets = info.plan.targets
-    at = next((i for i, t in enumerate(old_targets) if t.adapter == adapter), len(old_targets))
-    others = [t for t in old_targets if t.adapter != adapter]
-    before = sum(1 for t in old_targets[:at] if t.adapter != adapter)
-    info.plan = replace(info.plan, targets=(*others[:before], *ours, *others[before:]))
-
-
-# --- reading ----------------------------------------------------------------------------
-
-
-def _read_source(
-    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-    adapter: str,
-    config: Spec | LoraAdapter | Mapping[str, Any] | None,
-) -> tuple[str, LoraAdapter, dict[str, torch.Tensor]]:
-    """(where it comes from, the new adapter's settings, its tensors by PEFT key)."""
-    if isinstance(source, Mapping):
-        if config is None:
-            raise HotswapError("hotswap() from a state dict needs its config= as well")
-        try:
-            settings = _settings_of(config, adapter)
-        except SpecError as exc:
-            raise HotswapError(f"invalid adapter config: {exc}") from None
-        state = dict(source)
-        if not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise HotswapError("the state dict must map PEFT keys to tensors")
-        return "the state dict", settings, state
-    if config is not None:
-        raise HotswapError("config= is only for a state dict; a directory has its own config")
-    directory = resolve_adapter_dir(source)
-    spec, folders = _read_spec(directory, adapter)
-    name = adapter if adapter in spec.adapters else None
-    if name is None and len(spec.adapters) == 1:
-        name = next(iter(spec.adapters))
-    if name is None:
-        raise AdapterLoadError(
-            f"{directory} holds adapters {', '.join(spec.adapters)}, not {adapter!r}"
-        )
-    path, state = _read_weights(folders[name])
-    return str(path), spec.adapters[name], state
-
-
-def _settings_of(config: Spec | LoraAdapter | Mapping[str, Any], adapter: str) -> LoraAdapter:
-    if isinstance(config, LoraAdapter):
-        return config
-    if isinstance(config, Mapping) and "peft_type" in config:
-        return from_peft_config(config, name=adapter).adapters[adapter]
-    spec = load_spec(config)
-    return spec.adapters[adapter] if adapter in spec.adapters else spec.adapter()
+    info.spec = info.spec.with_adapters({**info.spec.adapters, adapter: settings})
+    ours = tuple(s.planned for s in swaps if s.planned is not None)  # in the model's order
+    info.plan = info.plan.replacing_adapter(adapter, ours)
 
 
 # --- checking ---------------------------------------------------------------------------
@@ -319,8 +267,9 @@ def _check_shape(swap: _Swap, branch: LoraBranch, adapter: str, where: str) -> N
 
 
 def _check_rank_and_scaling(
-    branch: LoraBranch, planned: PlannedTarget, swaps: list[_Swap], where: str
+    branch: LoraBranch, target: PlannedTarget, swaps: list[_Swap], where: str
 ) -> None:
+    planned = _lora(target)
     for swap in swaps:
         if swap.branch is branch and swap.rank_dim is not None:
             rank = swap.value.shape[swap.rank_dim] * (_groups(branch) if swap.rank_dim else 1)
@@ -342,23 +291,26 @@ def _check_rank_and_scaling(
 def _plan_target_of(
     layer: nn.Module, target: str, adapter: str, settings: LoraAdapter
 ) -> PlannedTarget:
-    from adaptc.layers import rule_for
+    kind = kind_of(layer, target)
+    return plan_target(LORA, kind, layer, LORA.settings(kind, layer, target, adapter, settings))
 
-    rule = rule_for(layer)
-    assert rule is not None
-    return _plan_target(rule, layer, target, adapter, settings)
+
+def _lora(planned: PlannedTarget) -> BranchConfig:
+    assert isinstance(planned.settings, BranchConfig)
+    return planned.settings
 
 
 # --- writing ----------------------------------------------------------------------------
 
 
 def _set_settings(branch: LoraBranch, planned: PlannedTarget) -> None:
-    branch.r = planned.r
-    branch.lora_alpha = planned.lora_alpha
-    branch.scaling = planned.scaling
+    settings = _lora(planned)
+    branch.r = settings.r
+    branch.lora_alpha = settings.lora_alpha
+    branch.scaling = settings.scaling
     tensor = branch._buffers.get(SCALING_BUFFER)
     if tensor is not None:
-        tensor.fill_(planned.scaling)
+        tensor.fill_(settings.scaling)
 
 
 def _empty(model: nn.Module, branch: LoraBranch) -> None:
@@ -366,9 +318,7 @@ def _empty(model: nn.Module, branch: LoraBranch) -> None:
     for name, param in branch.named_parameters():
         if name != "lora_magnitude_vector":
             param.zero_()
-    if getattr(branch, "is_dora", False):  # m = ‖W‖: DoRA of a zero update is the identity
-        from adaptc.layers.dora import conv_weight_norm, linear_weight_norm
-
+    if branch.variant == "dora":  # m = ‖W‖: DoRA of a zero update is the identity
         weight = _layers(model, branch.adapter)[branch.target].weight
         magnitude = branch.lora_magnitude_vector
         assert isinstance(weight, torch.Tensor) and isinstance(magnitude, torch.Tensor)
@@ -409,23 +359,15 @@ def _scaling_tensor(branch: LoraBranch, value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=dtype, device=like.device)
 
 
-def _regenerate(model: nn.Module, active: tuple[str, ...]) -> None:
-    for module in model.modules():
-        if is_adapted_graph(module):
-            assert isinstance(module, fx.GraphModule)
-            insert_branches(module, active)
-
-
 # --- lookups ----------------------------------------------------------------------------
 
 
 def _info(model: nn.Module, what: str) -> Compiled:
-    info = compiled_info(model)
-    if info is None:
-        if _torch_compiled(model):
-            raise HotswapError(f"{what}() must be called before torch.compile: {_PREPARE}")
-        raise CompileError(f"{what}() takes a model returned by adaptc.compile()")
-    return info
+    """The compiled state (:func:`adaptc.compiler.compiled`), with a hint for a model
+    torch.compile wrapped before it was prepared."""
+    if compiled_info(model) is None and _torch_compiled(model):
+        raise HotswapError(f"{what}() must be called before torch.compile: {_PREPARE}")
+    return compiled(model, f"{what}()")
 
 
 def _torch_compiled(model: nn.Module) -> bool:
@@ -448,7 +390,7 @@ def _layers(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
     """The layer carrying each branch of ``adapter``, by the branch's target path."""
     out: dict[str, nn.Module] = {}
     for module in model.modules():
-        child = module._modules.get(f"lora_{adapter}")
+        child = module._modules.get(LORA.child_name(adapter))
         if isinstance(child, LoraBranch):
             out.setdefault(child.target, module)
     return out

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adaptc
-from adaptc.compiler.combine import COMBINATION_TYPES, combine_adapters, factors
+from adaptc.adapters.combine import COMBINATION_TYPES, combine_adapters, factors
 from adaptc.compiler.compile import compiled_info
 from tests.compiler.models import hf_inputs, tiny_hf
 from tests.compiler.parity import (
