@@ -101,9 +101,9 @@ def issues_from_validation_error(
     seen: set[tuple[str, str]] = set()
     errors = exc.errors(include_url=False)
     cleaned = [_clean_loc(root, err["loc"]) for err in errors]
-    for err, (loc, model) in zip(errors, cleaned, strict=True):
+    for err, (loc, model, parent) in zip(errors, cleaned, strict=True):
         if err["type"] == "too_short" and any(
-            len(other) > len(loc) and other[: len(loc)] == loc for other, _ in cleaned
+            len(other) > len(loc) and other[: len(loc)] == loc for other, *_ in cleaned
         ):
             continue  # pydantic also counts the items that failed as missing: say it once
         extra = err.get("ctx", {}).get("error")
@@ -112,7 +112,7 @@ def issues_from_validation_error(
             loc = (*loc, *extra.loc)
             at_key = bool(getattr(extra, "at_key", False))
         dotted = ".".join(str(p) for p in loc) or "(root)"
-        message = _message(err, loc, model, root)
+        message = _message(err, loc, model, parent, root)
         if (dotted, message) in seen:
             continue
         seen.add((dotted, message))
@@ -141,15 +141,18 @@ def _is_key(err: ErrorDetails) -> bool:
     return err["type"] == "extra_forbidden" or "[key]" in err["loc"]
 
 
-def _clean_loc(root: type[BaseModel], raw: Iterable[str | int]) -> tuple[Loc, Any]:
-    """Drop pydantic's internal segments (union tags, ``[key]``, validator names)."""
+def _clean_loc(root: type[BaseModel], raw: Iterable[str | int]) -> tuple[Loc, Any, Any]:
+    """Drop pydantic's internal segments (union tags, ``[key]``, validator names); also the
+    model at the end of the path and the one holding its last segment (a tagged union's
+    member, which the cleaned path alone no longer names)."""
     loc: list[str | int] = []
     tp: Any = root
+    parent: Any = None
     for seg in raw:
         tp = _unwrap(tp)
         if typing.get_origin(tp) is dict:  # a user's key, whatever it looks like
             loc.append(seg)
-            tp = _child_type(tp, seg)
+            parent, tp = tp, _child_type(tp, seg)
             continue
         members = _union_members(tp)
         if members is not None:
@@ -162,8 +165,8 @@ def _clean_loc(root: type[BaseModel], raw: Iterable[str | int]) -> tuple[Loc, An
         if seg in _kind_values(tp) and _child_type(tp, seg) is None:  # a one-member union's tag
             continue
         loc.append(seg)
-        tp = _child_type(tp, seg)
-    return tuple(loc), _unwrap(tp)
+        parent, tp = tp, _child_type(tp, seg)
+    return tuple(loc), _unwrap(tp), _unwrap(parent)
 
 
 def _unwrap(tp: Any) -> Any:
@@ -221,17 +224,17 @@ def _model_at(root: type[BaseModel], loc: Loc) -> Any:
     return _unwrap(tp)
 
 
-def _message(err: ErrorDetails, loc: Loc, model: Any, root: type[BaseModel]) -> str:
+def _message(err: ErrorDetails, loc: Loc, model: Any, parent: Any, root: type[BaseModel]) -> str:
     kind = err["type"]
     ctx = err.get("ctx", {})
     value = err.get("input")
     if kind == "extra_forbidden":
-        return _unknown_field(str(loc[-1]), _model_at(root, loc[:-1]), root)
+        return _unknown_field(str(loc[-1]), parent, root)
     if kind == "missing":
         return "missing required field"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
-        members = _union_members(_unwrap(_child_type(_model_at(root, loc[:-1]), loc[-1])))
+        members = _union_members(_unwrap(_child_type(parent, loc[-1])))
         if not tags:
             tags = [str(t) for m in members or [] for t in _kind_values(m)]
         field = next((f for m in members or [] if (f := _tag_field(m))), "kind")
@@ -338,8 +341,9 @@ def _unknown_field(key: str, model: Any, root: type[BaseModel]) -> str:
     close_peft = difflib.get_close_matches(key, list(PEFT_RENAMES), n=1, cutoff=0.75)
     if close_peft and PEFT_RENAMES[close_peft[0]] in fields:
         return f"{message}; did you mean {PEFT_RENAMES[close_peft[0]]!r}?"
-    adapter_model = _model_at(root, ("adapters", "x"))
-    if model is root and (key in _fields(adapter_model) or key in PEFT_RENAMES):
+    adapter = _unwrap(_model_at(root, ("adapters", "x")))
+    adapter_fields = {f for m in _union_members(adapter) or [adapter] for f in _fields(m)}
+    if model is root and (key in adapter_fields or key in PEFT_RENAMES):
         return f"{message}: adapter settings go under 'adapters: {{NAME: ...}}'"
     return message + (f" (expected one of: {', '.join(fields)})" if fields else "")
 
