@@ -7,7 +7,7 @@ The pipeline is explicit and one-way::
           ──attach──► branches under target layers, modules_to_save copies, trainable biases
           ──frontier──► graph modules around every target
           ──insert_branches──► adapter nodes in each graph
-          ──merge (if spec.merge)──► plain layers with W + s·ΔW
+          ──merge (if spec.merge)──► plain layers with each method's merged weights
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def rebuild(model: nn.Module, active: tuple[str, ...], *, site: SiteEmitter | No
 
 
 def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
-    """A new model with the spec's LoRA adapters; ``model`` is left untouched.
+    """A new model with the spec's adapters; ``model`` is left untouched.
 
     Base weights are shared with ``model`` (new frozen ``Parameter`` objects over the same
     storage), adapter weights are new. The first adapter of the spec is active.

@@ -45,7 +45,7 @@ class MergeError(ValueError):
 def target_nodes(
     lookup: fx.GraphModule | Callable[[str], nn.Module], graph: fx.Graph
 ) -> Iterator[tuple[fx.Node, nn.Module]]:
-    """``call_module`` nodes of ``graph`` whose module carries LoRA branches.
+    """``call_module`` nodes of ``graph`` whose module carries adapter branches.
 
     ``lookup`` is the graph's module (or its ``get_submodule``)."""
     get = lookup.get_submodule if isinstance(lookup, nn.Module) else lookup

@@ -1,4 +1,4 @@
-"""Target resolution: which modules of a model get a LoRA adapter, decided exactly as PEFT does.
+"""Target resolution: which modules of a model get an adapter, decided exactly as PEFT does.
 
 PEFT 0.21.2 (``check_target_module_exists``, ``inject_adapter``) visits every path ``key`` of
 ``model.named_modules()`` but the root, and asks in this order:
@@ -54,7 +54,7 @@ _MAX_CLOSE = 5
 
 @dataclass(frozen=True)
 class TargetMatch:
-    """What one adapter does to a model: LoRA on ``targets``, trainable copies of
+    """What one adapter does to a model: its branches on ``targets``, trainable copies of
     ``modules_to_save`` (paths as in ``named_modules()``, in its order), and ``warnings``."""
 
     targets: tuple[str, ...]

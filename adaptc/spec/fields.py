@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     StrictInt,
     StrictStr,
     StringConstraints,
@@ -29,11 +30,14 @@ __all__ = [
     "AdapterName",
     "AllLinearTargets",
     "Dropout",
+    "ExcludeField",
     "Exclusions",
+    "FanInFanOutField",
     "FieldError",
     "LayerSelection",
     "ModuleName",
     "ModuleNames",
+    "ModulesToSaveField",
     "NameList",
     "NameTargets",
     "PositiveInt",
@@ -41,6 +45,7 @@ __all__ = [
     "Regex",
     "RegexTargets",
     "Targets",
+    "TargetsField",
     "TypeTargets",
     "check_selection",
     "closed",
@@ -218,3 +223,35 @@ def check_selection(
         raise FieldError(
             ("modules_to_save",), f"{both[0]!r} is both in targets.names and modules_to_save"
         )
+
+
+# The selection fields every method's model has, each described once (`x: TargetsField = None`).
+TargetsField = Annotated[
+    Targets | None,
+    Field(
+        description="Which modules get the adapter; one of the tagged selectors `names`, "
+        "`regex`, `all-linear`, `types`. When omitted, PEFT's default targets for the model "
+        "type are used."
+    ),
+]
+ExcludeField = Annotated[
+    Exclusions | None,
+    Field(
+        description="Modules never adapted even if `targets` selects them (`names` or `regex`; "
+        "PEFT `exclude_modules`)."
+    ),
+]
+ModulesToSaveField = Annotated[
+    ModuleNames,
+    Field(
+        description="Modules trained in full and saved with the adapter (e.g. a classifier "
+        "head); matched by name suffix. The compiled model holds trainable copies."
+    ),
+]
+FanInFanOutField = Annotated[
+    StrictBool,
+    Field(
+        description="The target stores its weight as (fan_in, fan_out). transformers' "
+        "`Conv1D` is detected and handled automatically, as in PEFT."
+    ),
+]

@@ -15,16 +15,18 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from adaptc.spec.fields import (
-    Exclusions,
+    ExcludeField,
+    FanInFanOutField,
     FieldError,
     LayerSelection,
-    ModuleNames,
+    ModulesToSaveField,
     NameTargets,
     RegexTargets,
     Targets,
+    TargetsField,
     check_selection,
     closed,
 )
@@ -57,16 +59,8 @@ class IA3Adapter(BaseModel):
     method: Literal["ia3"] = Field(
         description="Adapter method `ia3`: (IA)³ scaling vectors (PEFT `IA3Config`)."
     )
-    targets: Targets | None = Field(
-        default=None,
-        description="Which modules get the adapter; one of the tagged selectors `names`, `regex`, "
-        "`all-linear`, `types`. When omitted, PEFT's default targets for the model type are used.",
-    )
-    exclude: Exclusions | None = Field(
-        default=None,
-        description="Modules never adapted even if `targets` selects them (`names` or `regex`; "
-        "PEFT `exclude_modules`).",
-    )
+    targets: TargetsField = None
+    exclude: ExcludeField = None
     layers: LayerSelection | None = Field(
         default=None,
         description="Adapt only the targets inside these layer indices. PEFT's `IA3Config` has "
@@ -80,21 +74,13 @@ class IA3Adapter(BaseModel):
         "entry must also be a target name), `regex` (whole-name match) or `none`. When "
         "omitted, PEFT's default feed-forward modules for the model type are used.",
     )
-    fan_in_fan_out: StrictBool = Field(
-        default=False,
-        description="The target stores its weight as (fan_in, fan_out). transformers' `Conv1D` "
-        "is detected and handled automatically, as in PEFT.",
-    )
+    fan_in_fan_out: FanInFanOutField = False
     init: Literal["ones", "random"] = Field(
         default="ones",
         description="Initialisation of the vectors: `ones` (starts as a no-op) or `random` "
         "(standard normal; for tests). PEFT `init_ia3_weights` true/false.",
     )
-    modules_to_save: ModuleNames = Field(
-        default=(),
-        description="Modules trained in full and saved with the adapter (e.g. a classifier "
-        "head); matched by name suffix. The compiled model holds trainable copies.",
-    )
+    modules_to_save: ModulesToSaveField = ()
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> IA3Adapter:

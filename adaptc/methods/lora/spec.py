@@ -15,14 +15,15 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, model_validator
 
 from adaptc.spec.fields import (
     Dropout,
-    Exclusions,
+    ExcludeField,
+    FanInFanOutField,
     FieldError,
     LayerSelection,
-    ModuleNames,
+    ModulesToSaveField,
     PositiveInt,
     PositiveNumber,
     Regex,
-    Targets,
+    TargetsField,
     check_selection,
     closed,
 )
@@ -52,16 +53,8 @@ class LoraAdapter(BaseModel):
     lora_dropout: Dropout = Field(
         default=0.0, description="Dropout probability on the LoRA branch input, in [0, 1)."
     )
-    targets: Targets | None = Field(
-        default=None,
-        description="Which modules get the adapter; one of the tagged selectors `names`, `regex`, "
-        "`all-linear`, `types`. When omitted, PEFT's default targets for the model type are used.",
-    )
-    exclude: Exclusions | None = Field(
-        default=None,
-        description="Modules never adapted even if `targets` selects them (`names` or `regex`; "
-        "PEFT `exclude_modules`).",
-    )
+    targets: TargetsField = None
+    exclude: ExcludeField = None
     layers: LayerSelection | None = Field(
         default=None, description="Adapt only the targets inside these layer indices."
     )
@@ -100,16 +93,8 @@ class LoraAdapter(BaseModel):
     lora_bias: StrictBool = Field(
         default=False, description="Give the LoRA `B` projection a trainable bias."
     )
-    fan_in_fan_out: StrictBool = Field(
-        default=False,
-        description="The target stores its weight as (fan_in, fan_out). transformers' `Conv1D` "
-        "is detected and handled automatically, as in PEFT.",
-    )
-    modules_to_save: ModuleNames = Field(
-        default=(),
-        description="Modules trained in full and saved with the adapter (e.g. a classifier "
-        "head); matched by name suffix. The compiled model holds trainable copies.",
-    )
+    fan_in_fan_out: FanInFanOutField = False
+    modules_to_save: ModulesToSaveField = ()
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> LoraAdapter:
@@ -169,19 +154,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
-# Keys copied one to one between the two formats.
-_SAME = (
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "fan_in_fan_out",
-    "bias",
-    "use_rslora",
-    "use_dora",
-    "lora_bias",
-    "rank_pattern",
-    "alpha_pattern",
-)
 # Keys copied one to one between the two formats.
 _SAME = (
     "r",
