@@ -37,7 +37,6 @@ from adaptc.adapters.switch import set_active
 from adaptc.compiler import AdaptcWarning, Compiled, CompileError, compiled
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.methods.lora.branch import LoraBranch
-from adaptc.methods.lora.embedding import EmbeddingBranch
 from adaptc.methods.lora.method import rule_for
 from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.spec import Spec
@@ -296,12 +295,8 @@ def _fill(
 
 
 def factors(branch: LoraBranch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` of a branch: (r, in, …) and (out, r, …); embeddings' (r, num), (dim, r)."""
-    if isinstance(branch, EmbeddingBranch):
-        return branch.lora_embedding_A, branch.lora_embedding_B
-    A, B = branch.lora_A.weight, branch.lora_B.weight
-    assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
-    return A, B
+    """``(A, B)`` of a branch (:meth:`LoraBranch.factors`)."""
+    return branch.factors()
 
 
 def _put(new_A: torch.Tensor, new_B: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:

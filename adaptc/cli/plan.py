@@ -15,8 +15,8 @@ from adaptc.spec import Spec, SpecError
 if TYPE_CHECKING:
     import torch
 
-    # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import MemoryEstimate
+    from adaptc.plan.plan import Plan
 
 _GIB = 1024**3
 CACHE_HELP = "Hugging Face cache to use (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"
@@ -104,8 +104,17 @@ def run(args: argparse.Namespace) -> int:
     print(line)
     for warning in plan.warnings:
         print(f"warning: {warning}")
-    print(memory_table(memory, dtype))
+    print(memory_table(memory, dtype, _methods_title(plan)))
     return 0
+
+
+def _methods_title(plan: Plan) -> str:
+    """``LoRA``, ``IA3`` or ``LoRA + IA3``: the plan's methods, for the memory table."""
+    # lazily: the library imports torch; the CLI starts without it
+    from adaptc.methods.registry import method
+
+    names = dict.fromkeys(t.method for t in plan.targets) or {"lora": None}
+    return " + ".join(method(n).title for n in names)
 
 
 def spec_and_model(args: argparse.Namespace, command: str) -> tuple[Spec, str, str | None] | int:
@@ -131,12 +140,14 @@ def model_of(spec: Spec, model: str | None, revision: str | None) -> tuple[str |
     return model, revision
 
 
-def memory_table(memory: dict[str, MemoryEstimate], dtype: torch.dtype) -> str:
+def memory_table(
+    memory: dict[str, MemoryEstimate], dtype: torch.dtype, adapters: str = "LoRA"
+) -> str:
     # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import dtype_name
 
     rows: list[tuple[str, ...]] = [("memory to train", "weights", "gradients", "AdamW", "total")]
-    for label, key in (("LoRA", "lora"), ("full fine-tuning", "full")):
+    for label, key in ((adapters, "lora"), ("full fine-tuning", "full")):
         m = memory[key]
         rows.append(
             (

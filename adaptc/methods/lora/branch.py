@@ -68,6 +68,12 @@ class LoraBranch(Branch):
             x = self.lora_dropout(x)
         return self.lora_B(self.lora_A(x)) * self.scaling_operand  # type: ignore[no-any-return]
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)``: (r, in, …) and (out, r, …) (an embedding's: (r, num), (dim, r))."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
+        return A, B
+
     @property
     def scaling_operand(self) -> torch.Tensor | float:
         """What the forward multiplies by: the scaling buffer when prepared, else ``scaling``."""

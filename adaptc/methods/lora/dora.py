@@ -241,12 +241,6 @@ def _settings(plain: LoraBranch) -> _Settings:
     }
 
 
-def _factors(branch: LoraBranch) -> tuple[torch.Tensor, torch.Tensor]:
-    A, B = branch.lora_A.weight, branch.lora_B.weight
-    assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
-    return A, B
-
-
 def _magnitude(m: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """The initial magnitude in the adapter dtype (empty on the meta device)."""
     if m is None:
@@ -343,7 +337,7 @@ class DoraLinear(_Dora):
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         plain, replaced = make_linear_branch(rule, module, cfg)
-        A, B = _factors(plain)
+        A, B = plain.factors()
         base = replaced.get("weight", weight)
         m = (
             None
@@ -378,7 +372,7 @@ class DoraConv(_Dora):
         assert isinstance(module, nn.modules.conv._ConvNd)
         weight = module.weight
         plain = make_conv_branch(module, cfg)
-        A, B = _factors(plain)
+        A, B = plain.factors()
         lora_weight = conv_lora_weight(A, B, weight.shape)
         m = None if _meta(weight) else conv_weight_norm(weight, lora_weight, cfg.scaling)
         shape = (1, module.out_channels) + (1,) * (weight.dim() - 2)

@@ -86,6 +86,9 @@ class EmbeddingBranch(LoraBranch):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.embed(x) @ self.lora_embedding_B.T) * self.scaling_operand  # (…, dim)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B  # (r, num), (dim, r)
+
 
 def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
     """The scalar ``embed_scale`` PEFT multiplies the update by, or None (PEFT's rule).
