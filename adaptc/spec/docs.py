@@ -34,8 +34,15 @@ def _sections(defs: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     named = [("Spec", "Top level"), *methods, *_AFTER_METHODS]
     known = {name for name, _ in named}
-    rest = [(name, f"`{name}`") for name in sorted(defs) if name not in known]
+    rest = [(name, _title(name, defs[name])) for name in sorted(defs) if name not in known]
     return [*named, *rest]
+
+
+def _title(name: str, model: dict[str, Any]) -> str:
+    """A selector's title (``Selector `kind: none```) from its tag, else the model's name."""
+    kind = model.get("properties", {}).get("kind", {})
+    tag = kind.get("const", (kind.get("enum") or [None])[0])
+    return f"Selector `kind: {tag}`" if isinstance(tag, str) else f"`{name}`"
 
 
 def field_reference() -> str:
