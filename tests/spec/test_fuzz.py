@@ -400,7 +400,9 @@ def test_bombs_are_refused_quickly(tmp_path, name):
     path.write_text(text, encoding="utf-8")
     start = time.process_time()
     lines = [str(i) for i in check_file_report(path).errors]
-    assert time.process_time() - start < 5.0  # ~2 s for the slowest (many-values)
+    # a guard against blow-ups (a bomb expanded would take minutes or hours), not a speed
+    # target: the slowest (many-values) takes 2 to 5 s of CPU on 2 cores
+    assert time.process_time() - start < 30.0
     assert len(lines) == 1 and expected in lines[0], lines
     assert len(lines[0]) < 400  # a 500 KB key or number is not repeated in the message
     if name in MEMORY_CHECKED:
