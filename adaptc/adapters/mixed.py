@@ -40,7 +40,7 @@ from adaptc.compiler.saved import ModulesToSave
 from adaptc.methods.base import Branch
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.embedding import EmbeddingBranch, embed_scale
-from adaptc.methods.lora.method import lora_rule
+from adaptc.methods.lora.method import rule_for
 from adaptc.methods.lora.variants import variant_title
 
 __all__ = ["BASE", "MixedBatchError", "adapter_ids", "adapter_names", "mixed_batch"]
@@ -205,7 +205,7 @@ def emit_mixed(
 ) -> fx.Node:
     """Insert ``mixed_<form>(x, base_out, layer)`` after ``base_out``; return it (the
     kernel is the one of the layer's LoRA rule's ``batch_form``)."""
-    rule = lora_rule(layer)
+    rule = rule_for(layer)
     fn = None if rule is None else _KERNELS.get(rule.batch_form)
     if fn is None:  # pragma: no cover - every LoRA rule has a form
         raise MixedBatchError(f"{layer_path}: {type(layer).__name__} layers cannot mix")

@@ -257,8 +257,10 @@ def _emit(
     base_path: str,
     branch: LoraBranch,
     branch_path: str,
+    out_dtype: torch.dtype,
 ) -> fx.Node:
-    """One node calls the branch with the base output and weight; it returns the full output.
+    """One node calls the branch with the base output and weight; it returns the full output
+    (cast to ``out_dtype``, the layer's compute dtype, when the adapter's differs).
 
     Before::
 
@@ -275,10 +277,9 @@ def _emit(
             fc_lora_default = self.fc.lora_default(x, fc, fc_weight, fc_bias);  x = fc = ...
             return fc_lora_default
     """
-    weight = base.weight
     magnitude = branch.lora_magnitude_vector
-    assert isinstance(weight, torch.Tensor) and isinstance(magnitude, torch.Tensor)
-    cast = weight.dtype != magnitude.dtype
+    assert isinstance(magnitude, torch.Tensor)
+    cast = out_dtype != magnitude.dtype
     with graph.inserting_before(base_out.next):
         w = graph.get_attr(f"{base_path}.weight")
         h = x
@@ -292,7 +293,7 @@ def _emit(
             extra = graph.get_attr(f"{base_path}.bias") if has_bias else None
         out = graph.call_module(branch_path, (h, base_out, w, extra))
         if cast:
-            out = graph.call_method("to", (out, weight.dtype))
+            out = graph.call_method("to", (out, out_dtype))
     return out
 
 
@@ -318,7 +319,7 @@ class _Dora(variants.Variant):
     ) -> fx.Node:
         return _emit(
             graph, x, base_out, base=base, base_path=base_path, branch=branch,
-            branch_path=branch_path,
+            branch_path=branch_path, out_dtype=rule.kind.compute_dtype(base),
         )  # fmt: skip
 
 

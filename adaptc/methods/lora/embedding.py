@@ -173,8 +173,8 @@ class EmbeddingRule(LoraRule):
                 add = emb + emb_lora_default;  emb = emb_lora_default = None
                 return add
         """
-        assert isinstance(branch, EmbeddingBranch) and isinstance(base.weight, torch.Tensor)
-        base_dtype = base.weight.dtype
+        assert isinstance(branch, EmbeddingBranch)
+        base_dtype = self.kind.compute_dtype(base)
         lora_dtype = branch.lora_embedding_A.dtype
         with graph.inserting_before(base_out.next):
             delta = graph.call_module(branch_path, (x,))

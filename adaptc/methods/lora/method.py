@@ -20,7 +20,7 @@ from adaptc.methods.lora.rule import BranchConfig, LoraRule
 from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.methods.lora.targets import LORA_TARGET_MODULES
 
-__all__ = ["METHOD", "LoraMethod", "lora_rule", "pattern_value", "rule_for"]
+__all__ = ["METHOD", "LoraMethod", "pattern_value", "rule_for"]
 
 # LoRA's rule for each layer kind it supports (PEFT's lora.Linear, lora.Conv2d, …)
 _RULE_TYPES: dict[str, type[LoraRule]] = {
@@ -146,10 +146,7 @@ class LoraMethod(Method):
 METHOD = LoraMethod()
 
 
-def lora_rule(module: nn.Module) -> LoraRule | None:
+def rule_for(module: nn.Module) -> LoraRule | None:
     """LoRA's rule for ``module``'s layer kind, or None."""
     kind = find_kind(module)
     return None if kind is None else METHOD.rules.get(kind.name)
-
-
-rule_for = lora_rule  # the name the adapter operations (mixed, hotswap, combine) use
