@@ -179,6 +179,11 @@ class PeftConfig:
         """Read ``adapter_config.json`` from a directory (or the file itself); on
         ``PeftConfig`` itself, the class of its ``peft_type`` (as PEFT's ``PeftConfig``)."""
         data = read_config(path, subfolder)
+        if "peft_type" not in data:  # not a PEFT config (PEFT raises the same)
+            raise TypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required "
+                "keys: {'peft_type'}."
+            )
         target = config_class(data) if cls is PeftConfig else cls
         return target.from_dict(data)  # type: ignore[return-value]
 

@@ -136,16 +136,26 @@ class LoraModel(nn.Module):
                 p.requires_grad_(trainable)
 
     def disable_adapter_layers(self) -> None:
-        """Run the base model alone until :meth:`enable_adapter_layers`."""
+        """Run the base model alone until :meth:`enable_adapter_layers`; as in PEFT, the
+        adapters' weights stop requiring grad meanwhile."""
         if self.__dict__["_enabled"]:
             self.__dict__["_enabled"] = tuple(self.active_adapters)
             set_active(self.model, [])
+            self._branches_require_grad(())
 
     def enable_adapter_layers(self) -> None:
+        """Run the adapters again; as PEFT's, the active ones' weights require grad again
+        and the others' do not."""
         previous = self.__dict__["_enabled"]
         if previous is not True:
             set_active(self.model, list(previous))
             self.__dict__["_enabled"] = True
+            self._branches_require_grad(tuple(previous))
+
+    def _branches_require_grad(self, adapters: tuple[str, ...]) -> None:
+        for module in self.model.modules():
+            if isinstance(module, Branch):
+                module.requires_grad_(module.adapter in adapters)
 
     def add_weighted_adapter(
         self,

@@ -423,3 +423,27 @@ def test_delete_adapter_keeps_the_other_adapters_parameters():
     assert not any("lora_other" in n for n, _ in model.named_parameters())
     after = {n: p for n, p in model.named_parameters() if "lora_default" in n}
     assert kept.keys() == after.keys() and all(kept[n] is after[n] for n in kept)  # optimizer-safe
+
+
+@pytest.mark.parametrize("lib", [peft, ap], ids=["peft", "adaptc.peft"])
+def test_disabled_adapter_layers_do_not_train_and_enabling_restores_them(lib):
+    torch.manual_seed(0)
+    model = lib.get_peft_model(
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), lib.LoraConfig(target_modules=["0"])
+    )
+
+    def trainable() -> set[bool]:
+        return {p.requires_grad for name, p in model.named_parameters() if "lora_" in name}
+
+    assert trainable() == {True}
+    model.base_model.disable_adapter_layers()
+    assert trainable() == {False}
+    model.base_model.enable_adapter_layers()
+    assert trainable() == {True}
+
+
+@pytest.mark.parametrize("lib", [peft, ap], ids=["peft", "adaptc.peft"])
+def test_a_json_that_is_not_a_peft_config_is_refused(lib, tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"foo": 1}', encoding="utf-8")
+    with pytest.raises(TypeError, match=r"missing required keys: \{'peft_type'\}"):
+        lib.LoraConfig.from_pretrained(str(tmp_path))
