@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adaptc.adapters.keys import PREFIX, AdapterKeyError, adapter_tensors
+from adaptc.adapters.keys import PREFIX, AdapterKeyError, adapter_tensors, is_base_tensor
 from adaptc.compiler import Compiled, CompileError, compiled, compiled_info, rebuild
 from adaptc.layers import kind_of
 from adaptc.methods.lora.branch import RANK_DIMS, SCALING_BUFFER, LoraBranch
@@ -226,7 +226,7 @@ def _plan_swaps(
             raise AdapterKeyError(
                 f"{where}: {key} has shape {tuple(value.shape)}, the model {tuple(tensor.shape)}"
             )
-        if ".base_layer." in key and ".lora_" not in key and not key.endswith(".bias"):
+        if is_base_tensor(key):
             if not torch.equal(value.to(tensor), tensor):  # shared with the user's model
                 raise HotswapError(
                     f"{where}: {key} is a base weight and differs from the model's; hotswapping "

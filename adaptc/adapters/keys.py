@@ -25,6 +25,7 @@ __all__ = [
     "adapter_branches",
     "adapter_state_dict",
     "adapter_tensors",
+    "is_base_tensor",
     "without_peft_duplicates",
 ]
 
@@ -75,6 +76,12 @@ def without_peft_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.T
         for k, v in state.items()
         if not (".modules_to_save." in k or ".original_module." in k) or ".lora_" in k
     }
+
+
+def is_base_tensor(key: str) -> bool:
+    """Whether an adapter file's ``key`` is a base weight PEFT saves beside the adapter
+    (a targeted embedding's), which is shared with the user's model."""
+    return ".base_layer." in key and ".lora_" not in key and not key.endswith(".bias")
 
 
 def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from adaptc.methods.registry import method
 from adaptc.plan.plan import Plan, build_plan
 from adaptc.spec import Spec, load_spec
 
-__all__ = ["add_adapter", "delete_adapter", "recompile_reason"]
+__all__ = ["RecompileNeeded", "add_adapter", "delete_adapter"]
 
 
 def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
@@ -33,7 +33,8 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
 
     They start inactive (``adaptc.set_active`` chooses). Their names must be new; their
     ``modules_to_save`` must already be saved by the model, and their bias mode ``none``
-    (both change modules other adapters share: compile the original with every adapter).
+    (both change modules other adapters share: :class:`RecompileNeeded` says so, and
+    nothing is added).
     """
     info = compiled(model, "add_adapter()")
     new_spec = load_spec(spec)
@@ -46,7 +47,7 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     saved = {p: m for p, m in layers.items() if isinstance(m, ModulesToSave)}
     reason = _recompile_reason(new_spec, plan, saved)
     if reason is not None:
-        raise CompileError(reason)
+        raise RecompileNeeded(reason)
     called = _called_layers(model)
     built = []  # every branch first: a refusal leaves the model as it was
     for target in plan.targets:
@@ -68,15 +69,9 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     return names
 
 
-def recompile_reason(model: nn.Module, spec: Spec | Any) -> str | None:
-    """Why the adapters of ``spec`` cannot be added to the compiled ``model`` in place (they
-    change what the model's other adapters share), or None when :func:`add_adapter` can."""
-    info = compiled(model, "recompile_reason()")
-    new_spec = load_spec(spec)
-    plan = build_plan(_original_view(model), _with_task(new_spec, info.spec))
-    layers = _layers_by_original_path(model)
-    saved = {p: m for p, m in layers.items() if isinstance(m, ModulesToSave)}
-    return _recompile_reason(new_spec, plan, saved)
+class RecompileNeeded(CompileError):
+    """The adapter changes what the model's other adapters share: it cannot be added in
+    place (compile the original model with every adapter)."""
 
 
 def _recompile_reason(spec: Spec, plan: Plan, saved: dict[str, ModulesToSave]) -> str | None:

@@ -13,7 +13,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from adaptc.adapters.keys import AdapterKeyError, adapter_tensors, without_peft_duplicates
+from adaptc.adapters.keys import (
+    AdapterKeyError,
+    adapter_tensors,
+    is_base_tensor,
+    without_peft_duplicates,
+)
 from adaptc.adapters.manage import add_adapter, delete_adapter
 from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.hub import ADAPTER_FILES, HubError, is_hub_id, snapshot
@@ -26,7 +31,6 @@ __all__ = [
     "AdapterLoadError",
     "add_loaded",
     "choose_adapter",
-    "is_base_tensor",
     "load_adapter",
     "load_adapter_into",
     "load_weights",
@@ -127,8 +131,8 @@ def add_loaded(
     model: nn.Module, spec: Spec, folders: dict[str, Path], trainable: bool
 ) -> list[str]:
     """Add the adapters of ``spec`` to the compiled ``model`` in place and load each one's
-    weights from its folder; returns their names. ``CompileError`` when they need a
-    recompile (``adaptc.add_adapter``'s rules); nothing is left half-added."""
+    weights from its folder; returns their names. ``RecompileNeeded`` (a ``CompileError``)
+    when they need a recompile (``adaptc.add_adapter``'s rules); nothing is left half-added."""
     names = add_adapter(model, spec)
     try:
         with torch.no_grad():
@@ -311,12 +315,6 @@ def load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
             _replace_parameter(model, param, value)  # user's model, so never written in place
         else:
             param.copy_(value)
-
-
-def is_base_tensor(key: str) -> bool:
-    """Whether an adapter file's ``key`` is a base weight PEFT saves beside the adapter
-    (a targeted embedding's), which is shared with the user's model."""
-    return ".base_layer." in key and ".lora_" not in key and not key.endswith(".bias")
 
 
 def _replace_parameter(model: nn.Module, old: torch.Tensor, value: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from adaptc.atomic import staged_files
 from adaptc.compiler import Compiled, compiled
 from adaptc.methods.registry import method
 from adaptc.plan.defaults import TASK_MODULES_TO_SAVE
-from adaptc.plan.plan import model_type
+from adaptc.plan.match import model_type
 from adaptc.spec import NameTargets, RegexTargets
 from adaptc.spec.dump import dump_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.adapters.keys import PREFIX, adapter_branches, adapter_tensors
+from adaptc.adapters.keys import PREFIX, adapter_branches, adapter_tensors, is_base_tensor
 from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.compiler.passes import merged_layer
-from adaptc.io.load import AdapterLoadError, is_base_tensor
+from adaptc.io.load import AdapterLoadError
 from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import method

@@ -126,9 +126,10 @@ class PeftConfig:
         self.peft_type = PeftType(self.PEFT_TYPE)
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
-        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            if isinstance(getattr(self, name, None), list):
-                setattr(self, name, set(getattr(self, name)))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name.endswith("_modules") and isinstance(value, list):  # as PEFT: a set
+                setattr(self, f.name, set(value))
         self.to_spec()  # validate now: adaptc's one-line errors, with PEFT's key names
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from adaptc.adapters import active_adapters
+from adaptc.adapters.manage import RecompileNeeded
 from adaptc.adapters.manage import add_adapter as core_add_adapter
-from adaptc.adapters.manage import recompile_reason
 from adaptc.api import compile
 from adaptc.api import load_adapter as _load_adapter
 from adaptc.compiler import compiled_info
@@ -154,8 +154,11 @@ class PeftModel(nn.Module):
         if adapter_name in self.base_model.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         spec = peft_config.to_spec(adapter_name)
-        if recompile_reason(self.base_model.model, spec) is None:
+        try:
             core_add_adapter(self.base_model.model, spec)
+        except RecompileNeeded:
+            pass  # rebuilt below
+        else:
             if peft_config.inference_mode:
                 for p in adapter_parameters(self.base_model.model, adapter_name):
                     p.requires_grad_(False)
@@ -222,9 +225,10 @@ class PeftModel(nn.Module):
             raise ValueError(f"{model_id} holds adapters {', '.join(names)}, not {adapter_name!r}")
         one = spec.with_adapters({adapter_name: spec.adapters[chosen]})
         model = self.base_model.model
-        if recompile_reason(model, one) is not None:
+        try:
+            add_loaded(model, one, {adapter_name: folders[chosen]}, is_trainable)
+        except RecompileNeeded:
             return False
-        add_loaded(model, one, {adapter_name: folders[chosen]}, is_trainable)
         config = config_of(model, adapter_name, inference_mode=not is_trainable)
         self.base_model.peft_config[adapter_name] = config
         return True

@@ -43,7 +43,7 @@ from adaptc.spec.model import (
     TypeTargets,
 )
 
-__all__ = ["TargetError", "TargetMatch", "layer_type_name", "resolve_targets"]
+__all__ = ["TargetError", "TargetMatch", "layer_type_name", "model_type", "resolve_targets"]
 
 # PEFT's ModulesToSaveWrapper refuses these (it cannot call them).
 _NOT_SAVABLE = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
@@ -242,26 +242,32 @@ def _selector(
     return _default_selector(model, default_targets)
 
 
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of a transformers model (PEFT's key for its defaults), or None."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        found = config.get("model_type")
+    else:
+        found = getattr(config, "model_type", None)
+    return found if isinstance(found, str) and found else None
+
+
 def _default_selector(
     model: nn.Module, default_targets: Mapping[str, tuple[str, ...] | str]
 ) -> _Selector:
-    config = getattr(model, "config", None)
-    if isinstance(config, dict):
-        model_type = config.get("model_type")
-    else:
-        model_type = getattr(config, "model_type", None)
-    if not isinstance(model_type, str) or not model_type:
+    kind = model_type(model)
+    if kind is None:
         raise TargetError(
             f"targets is omitted, but {type(model).__name__} has no config.model_type to look up "
             "PEFT's default targets; set targets (e.g. kind: all-linear)"
         )
-    default = default_targets.get(model_type)
+    default = default_targets.get(kind)
     if default is None:
         raise TargetError(
-            f"targets is omitted, but PEFT has no default targets for model type {model_type!r}; "
+            f"targets is omitted, but PEFT has no default targets for model type {kind!r}; "
             "set targets (e.g. kind: all-linear)"
         )
-    label = f"PEFT's default targets for model type {model_type!r}"
+    label = f"PEFT's default targets for model type {kind!r}"
     if isinstance(default, str):
         return _Selector(
             f"{label} `{default}`",

@@ -17,10 +17,10 @@ from torch import nn
 from adaptc.layers import LayerKind, find_kind
 from adaptc.methods.base import Method, Settings
 from adaptc.methods.registry import method
-from adaptc.plan.match import resolve_targets
+from adaptc.plan.match import model_type, resolve_targets
 from adaptc.spec import Spec, load_spec
 
-__all__ = ["Plan", "PlannedTarget", "build_plan", "model_type", "plan_target"]
+__all__ = ["Plan", "PlannedTarget", "build_plan", "plan_target"]
 
 
 @dataclass(frozen=True)
@@ -196,17 +196,6 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
     biases = tuple((p, named[p].numel()) for p in sorted(bias_paths) if p in named)
     base = sum(p.numel() for p in model.parameters())
     return Plan(tuple(targets), tuple(saved), biases, base, tuple(dict.fromkeys(warnings)))
-
-
-def model_type(model: nn.Module) -> str | None:
-    """``config.model_type`` of a transformers model (PEFT's key for its defaults), or None."""
-    config = getattr(model, "config", None)
-    found = (
-        config.get("model_type")
-        if isinstance(config, dict)
-        else getattr(config, "model_type", None)
-    )
-    return found if isinstance(found, str) and found else None
 
 
 def _supports(entry: Method, module: nn.Module) -> bool:
