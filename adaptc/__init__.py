@@ -26,11 +26,19 @@ if TYPE_CHECKING:
         mixed_batch,
         prepare_hotswap,
         set_active,
+        set_enabled,
     )
     from adaptc.api import compile, load_adapter, merge
-    from adaptc.compiler import AdaptcWarning, CompileError, MergeError
+    from adaptc.compiler import (
+        AdaptcWarning,
+        CompileError,
+        MergeError,
+        merge_in_place,
+        merged_adapters,
+        unmerge_in_place,
+    )
     from adaptc.counting import print_trainable_parameters, trainable_parameters
-    from adaptc.io import AdapterLoadError, hotswap, load_adapter_into, save_adapter
+    from adaptc.io import AdapterLoadError, hotswap, load_adapter_into, push_adapter, save_adapter
     from adaptc.plan.plan import Plan, build_plan
 
 __version__ = "0.1.0"
@@ -41,6 +49,9 @@ _LAZY = {
     "AdaptcWarning": "adaptc.compiler",
     "CompileError": "adaptc.compiler",
     "MergeError": "adaptc.compiler",
+    "merge_in_place": "adaptc.compiler",
+    "merged_adapters": "adaptc.compiler",
+    "unmerge_in_place": "adaptc.compiler",
     "compile": "adaptc.api",
     "merge": "adaptc.api",
     "load_adapter": "adaptc.api",
@@ -56,11 +67,13 @@ _LAZY = {
     "combine_adapters": "adaptc.adapters",
     "disabled": "adaptc.adapters",
     "set_active": "adaptc.adapters",
+    "set_enabled": "adaptc.adapters",
     "print_trainable_parameters": "adaptc.counting",
     "trainable_parameters": "adaptc.counting",
     "AdapterLoadError": "adaptc.io",
     "hotswap": "adaptc.io",
     "load_adapter_into": "adaptc.io",
+    "push_adapter": "adaptc.io",
     "save_adapter": "adaptc.io",
     "Plan": "adaptc.plan.plan",
     "build_plan": "adaptc.plan.plan",
@@ -108,10 +121,15 @@ __all__ = [
     "load_adapter_into",
     "load_spec",
     "merge",
+    "merge_in_place",
+    "merged_adapters",
     "mixed_batch",
     "prepare_hotswap",
     "print_trainable_parameters",
+    "push_adapter",
     "save_adapter",
     "set_active",
+    "set_enabled",
     "trainable_parameters",
+    "unmerge_in_place",
 ]

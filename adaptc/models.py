@@ -396,10 +396,11 @@ def training_memory(plan: Plan, dtype: torch.dtype) -> dict[str, MemoryEstimate]
     """
     size = torch.empty((), dtype=dtype).element_size()
     adapter = plan.adapter_params
-    others = plan.trainable_params - adapter  # biases and saved copies, at the base dtype
+    learned = adapter - plan.frozen_params  # adapter parameters that train
+    others = plan.trainable_params - learned  # biases and saved copies, at the base dtype
     lora = MemoryEstimate(
         weights=(plan.total_params - adapter) * size + adapter * 4,
-        gradients=adapter * 4 + others * size,
+        gradients=learned * 4 + others * size,
         optimizer=2 * 4 * plan.trainable_params,
     )
     base = plan.base_params

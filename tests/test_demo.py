@@ -37,6 +37,7 @@ def test_demo_runs_saves_reloads_and_merges(tmp_path, capsys, monkeypatch):
         "adapter_model.safetensors",
         "adapter_config.json",
         "adaptc_spec.yaml",
+        "README.md",
     }
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS"

@@ -10,7 +10,7 @@ from adaptc.adapters.hotswap import HotswapError, hotswap_tensors, is_prepared, 
 from adaptc.adapters.keys import AdapterKeyError, adapter_state_dict, adapter_tensors
 from adaptc.adapters.manage import add_adapter, delete_adapter
 from adaptc.adapters.mixed import MixedBatchError, adapter_ids, adapter_names, mixed_batch
-from adaptc.adapters.switch import active_adapters, disabled, set_active
+from adaptc.adapters.switch import active_adapters, disabled, set_active, set_enabled
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -31,4 +31,5 @@ __all__ = [
     "mixed_batch",
     "prepare_hotswap",
     "set_active",
+    "set_enabled",
 ]

@@ -67,6 +67,7 @@ def prepare_hotswap(
     if max_rank is not None and (isinstance(max_rank, bool) or max_rank < 1):
         raise HotswapError(f"max_rank must be a positive integer, got {max_rank!r}")
     branches = [b for b in _branches(model) if b.adapter in names]
+    _check_factors(branches)
     if max_rank is not None:
         for branch in branches:  # check all before padding any
             rank = _padded_rank(branch)
@@ -120,6 +121,7 @@ def hotswap_tensors(
     _check_names(info, [adapter])
     if not isinstance(settings, LoraAdapter):
         raise HotswapError(f"{where} holds a {settings.method} adapter; hotswapping is for LoRA")
+    _check_factors([b for b in _branches(model) if b.adapter == adapter])
     swaps, placeholders = _plan_swaps(model, info, adapter, settings, state, where)
     with torch.no_grad():
         for swap in swaps:
@@ -238,6 +240,15 @@ def _plan_swaps(
     return swaps, placeholders
 
 
+def _check_factors(branches: list[LoraBranch]) -> None:
+    """Every branch is one (A, B) pair (LoRA on nn.MultiheadAttention has two and refuses)."""
+    for branch in branches:
+        try:
+            branch.factors()
+        except ValueError as exc:
+            raise HotswapError(str(exc)) from None
+
+
 def _check_shape(swap: _Swap, branch: LoraBranch, adapter: str, where: str) -> None:
     have, new, dim = tuple(swap.param.shape), tuple(swap.value.shape), swap.rank_dim
     grouped = _groups(branch) > 1  # a grouped convolution's rank cannot change (not padded)
@@ -345,7 +356,8 @@ def _pad(branch: LoraBranch, rank: int) -> None:
         padded.narrow(dim, 0, param.shape[dim]).copy_(param)
         owner_path, _, attr = name.rpartition(".")
         owner = branch.get_submodule(owner_path) if owner_path else branch
-        owner._parameters[attr] = nn.Parameter(padded, requires_grad=param.requires_grad)
+        # the same class: a frozen factor (MiCA's B) stays frozen
+        owner._parameters[attr] = type(param)(padded, requires_grad=param.requires_grad)
         for size in (
             ("out_features", "out_channels") if dim == 0 else ("in_features", "in_channels")
         ):

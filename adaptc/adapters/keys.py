@@ -22,10 +22,13 @@ from adaptc.methods.base import Branch
 __all__ = [
     "PREFIX",
     "AdapterKeyError",
+    "AdapterShapeError",
     "adapter_branches",
     "adapter_state_dict",
     "adapter_tensors",
     "is_base_tensor",
+    "saved_modules",
+    "target_layers",
     "without_peft_duplicates",
 ]
 
@@ -35,6 +38,12 @@ _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves their base we
 
 class AdapterKeyError(ValueError):
     """An adapter file does not fit the model (missing, unexpected or mis-shaped tensors)."""
+
+
+class AdapterShapeError(AdapterKeyError, RuntimeError):
+    """A tensor of an adapter file has another shape than the model's. Also a
+    ``RuntimeError``: what torch's and peft's loaders raise for a "size mismatch", which
+    users' code may catch."""
 
 
 def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -121,6 +130,20 @@ def _params_by_original_name(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, p in module.named_parameters(recurse=False):
             out.setdefault(f"{path}.{name}" if path else name, p)
     return out
+
+
+def target_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path in the user's model, layer)`` for each layer carrying adapter branches."""
+    seen: set[int] = set()
+    for path, module in _original_paths(model):
+        if id(module) not in seen and any(isinstance(c, Branch) for c in module.children()):
+            seen.add(id(module))
+            yield path, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """``(path in the user's model, wrapper)`` for each ``modules_to_save`` wrapper."""
+    yield from _saved_modules(model)
 
 
 def _layer(model: nn.Module, path: str) -> nn.Module:

@@ -98,14 +98,18 @@ _REWRITING_INITS = ("pissa", "olora")  # inits that replace the base weight (PiS
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from the compiled ``model`` (in place)."""
+    """Remove adapter ``name`` from the compiled ``model`` (in place). The last one can go
+    too (as with PEFT): the model then computes the base model's outputs, and adapters can
+    be added again."""
     info = compiled(model, "delete_adapter()")
     if name not in info.spec.adapters:
         raise CompileError(
             f"the model has no adapter {name!r} (has: {', '.join(info.spec.adapters)})"
         )
-    if len(info.spec.adapters) == 1:
-        raise CompileError(f"{name!r} is the model's only adapter: use the original model instead")
+    if info.merged is not None and name in info.merged.adapters:
+        raise CompileError(
+            f"Cannot delete adapter(s) [{name!r}] while they are merged. Please unmerge them first."
+        )
     child_name = method(info.spec.adapters[name].method).child_name(name)
     for module in model.modules():
         if isinstance(module._modules.get(child_name), Branch):
@@ -115,7 +119,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapters = {k: v for k, v in info.spec.adapters.items() if k != name}
     info.spec = info.spec.with_adapters(adapters)
     info.plan = info.plan.without_adapter(name)
-    active = tuple(a for a in info.active if a != name) or (next(iter(adapters)),)
+    active = tuple(a for a in info.active if a != name) or tuple(adapters)[:1]
     rebuild(model, active)
     info.active = active
 

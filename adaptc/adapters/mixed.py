@@ -108,7 +108,16 @@ def mixed_batch(model: nn.Module, ids: torch.Tensor | Sequence[str]) -> Iterator
     dropout uses each adapter's own probability). Nested blocks replace the ids.
     """
     info = compiled(model, "mixed_batch()")
+    if info.merged is not None:
+        raise MixedBatchError(
+            f"the model has adapters merged in place ({', '.join(info.merged.adapters)}): "
+            "unmerge them first"
+        )
     id_tensor = _check_ids(model, info, ids)
+    if info.disabled:  # inside adaptc.disabled(): every sample runs the base model
+        yield model
+        return
+    _check_variants(model, info, id_tensor)
     state: MixedState | None = info.mixed
     if state is not None:  # already mixed: only the ids change
         previous = state.ids
@@ -162,10 +171,10 @@ def _check_supported(model: nn.Module) -> None:
         if not isinstance(b, LoraBranch):
             raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} is a {b.method} adapter; "
                                   "mixed batches support LoRA adapters only")  # fmt: skip
-        if b.variant is not None:
-            title = variant_title(b.variant)
-            raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} uses {title}, which mixed "
-                                  "batches do not support")  # fmt: skip
+        try:
+            b.factors()  # one (A, B) pair per branch: nn.MultiheadAttention's has two
+        except ValueError as exc:
+            raise MixedBatchError(str(exc)) from None
         groups = getattr(getattr(b, "lora_B", None), "groups", 1)
         if groups != 1:
             raise MixedBatchError(f"{b.target}: grouped convolutions (groups={groups}) cannot mix")
@@ -173,6 +182,18 @@ def _check_supported(model: nn.Module) -> None:
             raise MixedBatchError(
                 f"{b.target}: embedding adapters with max_norm or sparse gradients cannot mix"
             )
+
+
+def _check_variants(model: nn.Module, info: Compiled, ids: torch.Tensor) -> None:
+    """An adapter with a variant (DoRA) cannot be in the batch; the model may carry one
+    (as with PEFT, only the adapters the samples use are checked)."""
+    names = tuple(info.spec.adapters)
+    used = {names[i] for i in set(ids.tolist()) if i >= 0}
+    for b in model.modules():
+        if isinstance(b, LoraBranch) and b.variant is not None and b.adapter in used:
+            title = variant_title(b.variant)
+            raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} uses {title}, which mixed "
+                                  "batches do not support")  # fmt: skip
 
 
 def _attach(model: nn.Module, state: MixedState) -> list[nn.Module]:
@@ -205,6 +226,8 @@ def emit_mixed(
 ) -> fx.Node:
     """Insert ``mixed_<form>(x, base_out, layer)`` after ``base_out``; return it (the
     kernel is the one of the layer's LoRA rule's ``batch_form``)."""
+    if not any(isinstance(b, LoraBranch) and b.variant is None for b in layer.children()):
+        return base_out  # only variant (DoRA) adapters here: never in a batch (_check_variants)
     rule = rule_for(layer)
     fn = None if rule is None else _KERNELS.get(rule.batch_form)
     if fn is None:  # pragma: no cover - every LoRA rule has a form
@@ -224,7 +247,11 @@ def _state(layer: nn.Module) -> tuple[MixedState, torch.Tensor]:
 
 
 def _branches(layer: nn.Module, state: MixedState) -> list[LoraBranch | None]:
-    found = {b.adapter: b for b in layer.children() if isinstance(b, LoraBranch)}
+    found = {
+        b.adapter: b
+        for b in layer.children()
+        if isinstance(b, LoraBranch) and b.variant is None  # never in the batch: see above
+    }
     return [found.get(a) for a in state.adapters]
 
 

@@ -10,6 +10,8 @@ from adaptc.compiler.compile import (
     merge,
     rebuild,
 )
+from adaptc.compiler.errors import NoTargetsError
+from adaptc.compiler.inplace import merge_in_place, merged_adapters, unmerge_in_place, unmerged
 from adaptc.compiler.passes import MergeError
 
 __all__ = [
@@ -17,9 +19,14 @@ __all__ = [
     "CompileError",
     "Compiled",
     "MergeError",
+    "NoTargetsError",
     "compile",
     "compiled",
     "compiled_info",
     "merge",
+    "merge_in_place",
+    "merged_adapters",
     "rebuild",
+    "unmerge_in_place",
+    "unmerged",
 ]

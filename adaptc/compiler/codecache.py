@@ -17,6 +17,7 @@ that no class carries (the other argument patterns of :mod:`adaptc.compiler.patt
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,15 @@ def _base(cls: type) -> type:
 
 class CachedGraphModule(fx.GraphModule):
     """A ``GraphModule`` whose ``recompile`` reuses the code of an identical graph."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CachedGraphModule:
+        """fx's copy, keeping adaptc's entries of ``__dict__`` (the compiled model's state,
+        :mod:`adaptc.compiler.state`), which fx's copy drops."""
+        new = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():
+            if key.startswith("_adaptc") and key not in new.__dict__:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new  # type: ignore[return-value]
 
     def _class_key(self) -> tuple[Any, ...] | None:
         """What the class carries: its base, its name and its graph's code (None: not keyed).

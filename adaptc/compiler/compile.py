@@ -16,21 +16,23 @@ import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from adaptc.compiler import retrace  # noqa: F401  (installs the pattern hooks)
 from adaptc.compiler.clone import share_clone
-from adaptc.compiler.errors import AdaptcWarning, CompileError
-from adaptc.compiler.passes import SiteEmitter, insert_branches, merge_graph, merged_layer
+from adaptc.compiler.errors import AdaptcWarning, CompileError, NoTargetsError
+from adaptc.compiler.inplace import unmerged
+from adaptc.compiler.passes import merge_graph, merged_layer
 from adaptc.compiler.saved import ModulesToSave
+from adaptc.compiler.state import STATE, Compiled, compiled, compiled_info, rebuild
 from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
 from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import branches_of, method
+from adaptc.plan.match import TargetError
 from adaptc.plan.plan import Plan, PlannedTarget, build_plan
 from adaptc.spec import Spec, load_spec
 
@@ -45,49 +47,6 @@ __all__ = [
     "merge",
     "rebuild",
 ]
-
-
-@dataclass
-class Compiled:
-    """What adaptc knows about a model it produced, kept on the model's root: the one
-    place the state of a compiled model lives (:func:`compiled` reads it)."""
-
-    spec: Spec  # every adapter the model carries
-    plan: Plan  # where each adapter's branches are
-    active: tuple[str, ...]  # the adapters the graphs run
-    mixed: Any = None  # the state of a running mixed batch (adaptc.adapters.mixed), if any
-
-
-_STATE = "_adaptc"  # the root module's __dict__ key
-
-
-def compiled_info(model: nn.Module) -> Compiled | None:
-    """The state of a compiled model, or None for any other model."""
-    info = model.__dict__.get(_STATE)
-    return info if isinstance(info, Compiled) else None
-
-
-def compiled(model: nn.Module, what: str = "this") -> Compiled:
-    """The state of a compiled model; a :class:`CompileError` naming ``what`` otherwise."""
-    info = compiled_info(getattr(model, "_orig_mod", model))
-    if info is None:
-        raise CompileError(
-            f"{what} takes a model returned by adaptc.compile() or adaptc.load_adapter(), "
-            f"not a {type(model).__name__}"
-        )
-    return info
-
-
-def rebuild(model: nn.Module, active: tuple[str, ...], *, site: SiteEmitter | None = None) -> None:
-    """Re-emit every adapted graph of ``model`` with the branches of ``active`` (``site``:
-    one node per target call instead, as a mixed batch emits) and point ``modules_to_save``
-    wrappers at the first active adapter that has a copy (or the frozen original)."""
-    for module in model.modules():
-        if is_adapted_graph(module):
-            assert isinstance(module, fx.GraphModule)
-            insert_branches(module, active, site=site)
-        elif isinstance(module, ModulesToSave):
-            module.active_adapter = next((a for a in active if a in module.modules_to_save), None)
 
 
 def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
@@ -119,6 +78,8 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     _check_not_compiled(model, spec)
     try:
         plan = build_plan(model, spec)
+    except TargetError as exc:
+        raise NoTargetsError(str(exc)) from None
     except ValueError as exc:
         raise CompileError(str(exc)) from None
     for message in plan.warnings:
@@ -131,7 +92,7 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     holders = _holders(new, targets)
     active = (next(iter(spec.adapters)),)
     root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active)
-    root.__dict__[_STATE] = Compiled(spec, plan, active)
+    root.__dict__[STATE] = Compiled(spec, plan, active)
     return merge(root) if spec.merge else root
 
 
@@ -149,7 +110,8 @@ def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = T
 def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Module:
     info = compiled(model, "merge()")
     names = adapters if adapters is not None else list(info.active)
-    new = share_clone(model)
+    with unmerged(model):  # merged in place: merge from the original weights
+        new = share_clone(model)
     for module in list(new.modules()):
         if isinstance(module, AdaptedLayer):  # unwrapped below: no graph to rebuild
             layer = module._modules["base_layer"]
@@ -159,7 +121,7 @@ def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Mo
         elif is_adapted_graph(module):
             merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
     new = unwrap_adapted_layers(new)
-    new.__dict__.pop(_STATE, None)  # a plain model: it can be compiled again
+    new.__dict__.pop(STATE, None)  # a plain model: it can be compiled again
     drop_checkpoint_hooks(new)  # the base model did not have them
     return new
 

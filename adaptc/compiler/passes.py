@@ -25,6 +25,7 @@ from adaptc.methods.base import Branch
 from adaptc.methods.registry import branches_of, method_of
 
 __all__ = [
+    "MERGED",
     "MergeError",
     "SiteEmitter",
     "add_pattern",
@@ -32,6 +33,10 @@ __all__ = [
     "merge_graph",
     "target_nodes",
 ]
+
+# the key (in a target layer's __dict__) of the adapters merged in place into its weights
+# (adaptc.compiler.inplace): such a layer runs no branch, as PEFT's merged layers
+MERGED = "_adaptc_merged"
 
 # site(graph, x, call, layer path, layer) -> the node holding the layer's new output: one
 # node per target call instead of one branch per adapter (a mixed batch's form)
@@ -137,6 +142,8 @@ def emit_branches(
             out = site(graph, x, node, str(node.target), layer)
             node.replace_all_uses_with(out, delete_user_cb=_outside({out}))
             sites += 1
+            continue
+        if MERGED in layer.__dict__:  # adapters merged into its weights: it runs alone
             continue
         kind = kind_of(layer, str(node.target))
         current = node

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -15,6 +16,7 @@ from torch import nn
 
 from adaptc.adapters.keys import (
     AdapterKeyError,
+    AdapterShapeError,
     adapter_tensors,
     is_base_tensor,
     without_peft_duplicates,
@@ -22,25 +24,25 @@ from adaptc.adapters.keys import (
 from adaptc.adapters.manage import add_adapter, delete_adapter
 from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.hub import ADAPTER_FILES, HubError, is_hub_id, snapshot
-from adaptc.io.save import WEIGHTS_NAME
+from adaptc.io.save import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from adaptc.spec import Spec, SpecError, from_peft_config, load_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
 
 __all__ = [
     "LEGACY_WEIGHTS_NAME",
     "AdapterLoadError",
+    "IncompatibleKeys",
     "add_loaded",
     "choose_adapter",
     "load_adapter",
     "load_adapter_into",
+    "load_state",
     "load_weights",
     "read_spec",
     "read_weights",
     "resolve_adapter_dir",
     "sub_adapters",
 ]
-
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
 class AdapterLoadError(ValueError):
@@ -128,7 +130,12 @@ def load_adapter_into(
 
 
 def add_loaded(
-    model: nn.Module, spec: Spec, folders: dict[str, Path], trainable: bool
+    model: nn.Module,
+    spec: Spec,
+    folders: dict[str, Path],
+    trainable: bool,
+    *,
+    ignore_mismatched_sizes: bool = False,
 ) -> list[str]:
     """Add the adapters of ``spec`` to the compiled ``model`` in place and load each one's
     weights from its folder; returns their names. ``RecompileNeeded`` (a ``CompileError``)
@@ -137,7 +144,9 @@ def add_loaded(
     try:
         with torch.no_grad():
             for name in names:
-                load_weights(model, name, folders[name])
+                load_weights(
+                    model, name, folders[name], ignore_mismatched_sizes=ignore_mismatched_sizes
+                )
     except BaseException:
         for name in names:
             delete_adapter(model, name)
@@ -290,31 +299,78 @@ def read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise AdapterLoadError(f"{folder} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 
-def load_weights(model: nn.Module, adapter: str, folder: Path) -> None:
+class IncompatibleKeys(NamedTuple):
+    """What a load left out, as torch's and peft's load results name it."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_weights(
+    model: nn.Module, adapter: str, folder: Path, *, ignore_mismatched_sizes: bool = False
+) -> IncompatibleKeys:
+    """Load the adapter file in ``folder`` into ``adapter``'s tensors: every key must match
+    (an :class:`AdapterKeyError` names the first ones otherwise)."""
     path, state = read_weights(folder)
+    return load_state(
+        model, adapter, state, source=str(path), ignore_mismatched_sizes=ignore_mismatched_sizes
+    )
+
+
+def load_state(
+    model: nn.Module,
+    adapter: str,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+) -> IncompatibleKeys:
+    """Copy ``state`` (PEFT keys, as in an adapter file) into ``adapter``'s tensors.
+
+    ``strict``: every key must match, else an :class:`AdapterKeyError` naming ``source``
+    and nothing is written; otherwise what matched is loaded and the rest returned. A
+    tensor of the wrong shape is an :class:`AdapterShapeError` (peft's ``RuntimeError``
+    "size mismatch"), or with ``ignore_mismatched_sizes`` left as it is, with a warning.
+    """
     expected = dict(adapter_tensors(model, adapter))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    if strict and (missing or unexpected):
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise AdapterKeyError(f"{path} does not match the model: {'; '.join(parts)}")
+        raise AdapterKeyError(f"{source} does not match the model: {'; '.join(parts)}")
+    mismatched = []
     for key, param in expected.items():
-        tensor = state[key]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise AdapterKeyError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(param.shape)}"
-            )
-    for key, param in expected.items():
-        value = state[key].to(param.dtype)
-        if is_base_tensor(key):  # e.g. a targeted embedding's base weight: shared with the
-            _replace_parameter(model, param, value)  # user's model, so never written in place
-        else:
-            param.copy_(value)
+        tensor = state.get(key)
+        if tensor is not None and tuple(tensor.shape) != tuple(param.shape):
+            if not ignore_mismatched_sizes:
+                raise AdapterShapeError(
+                    f"{source}: size mismatch for {key}: it has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
+            mismatched.append(f"- {key}: found shape {tuple(tensor.shape)} in the checkpoint "
+                              f"and {tuple(param.shape)} in the model")  # fmt: skip
+    if mismatched:
+        warnings.warn(
+            f"Some weights of adapter {adapter!r} were not loaded from {source} and keep their "
+            "initial values because ignore_mismatched_sizes=True: " + "; ".join(mismatched),
+            stacklevel=3,
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            tensor = state.get(key)
+            if tensor is None or tuple(tensor.shape) != tuple(param.shape):
+                continue
+            value = tensor.to(device=param.device, dtype=param.dtype)
+            if is_base_tensor(key):  # e.g. a targeted embedding's base weight: shared with the
+                _replace_parameter(model, param, value)  # user's model, never written in place
+            else:
+                param.copy_(value)
+    return IncompatibleKeys(missing, unexpected)
 
 
 def _replace_parameter(model: nn.Module, old: torch.Tensor, value: torch.Tensor) -> None:

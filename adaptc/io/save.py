@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from adaptc.adapters.keys import adapter_state_dict
 from adaptc.atomic import staged_files
 from adaptc.compiler import Compiled, compiled
+from adaptc.io.card import CARD_NAME, existing_card, model_card, name_or_path
 from adaptc.methods.registry import method
 from adaptc.plan.defaults import TASK_MODULES_TO_SAVE
 from adaptc.plan.match import model_type
@@ -22,20 +24,29 @@ from adaptc.spec.dump import dump_spec
 from adaptc.spec.load import PEFT_CONFIG_NAME, SPEC_FILE_NAME
 from adaptc.spec.method import method_spec
 
-__all__ = ["WEIGHTS_NAME", "save_adapter"]
+__all__ = ["LEGACY_WEIGHTS_NAME", "WEIGHTS_NAME", "save_adapter"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's legacy format: torch.save of the tensor dict
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], *, adapters: Sequence[str] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    adapters: Sequence[str] | None = None,
+    safe_serialization: bool = True,
 ) -> Path:
     """Write the model's adapters as PEFT does, and ``adaptc_spec.yaml`` at the top.
+
+    The model card ``README.md`` is created, or updated when there is one (``adaptc.io.card``).
 
     ``default`` goes at the top of ``directory``, other adapters in sub-folders named after
     them (PEFT's layout). Only adapter tensors (and ``modules_to_save`` copies) are written,
     in their own dtype. A new directory appears whole or not at all; in an existing
     directory each file is replaced atomically, weights before configs.
+    ``safe_serialization=False`` writes PEFT's legacy ``adapter_model.bin`` (a plain
+    tensor dict, ``torch.save``; adaptc reads it back with ``weights_only``) instead.
     """
     info = compiled(model, "save_adapter()")
     names = list(adapters) if adapters is not None else list(info.spec.adapters)
@@ -48,7 +59,8 @@ def save_adapter(
     files: dict[Path, bytes | dict[str, object]] = {}
     for name in names:
         folder = Path() if name == "default" else Path(name)
-        files[folder / WEIGHTS_NAME] = {"tensors": adapter_state_dict(model, name)}
+        weights = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
+        files[folder / weights] = {"tensors": adapter_state_dict(model, name)}
         entry = method(info.spec.adapters[name].method)
         config = info.spec.to_peft_config(
             name,
@@ -58,7 +70,7 @@ def save_adapter(
         )
         _as_peft_resolves(config, info, name)
         if config["base_model_name_or_path"] is None:  # as peft: the base model's own name
-            config["base_model_name_or_path"] = _name_or_path(model)
+            config["base_model_name_or_path"] = name_or_path(model)
         if config["task_type"] is None:  # as PeftModel.save_pretrained records the base class
             cls = type(model)
             config["auto_mapping"] = {
@@ -70,16 +82,14 @@ def save_adapter(
     if set(names) != set(info.spec.adapters):  # the spec beside the files lists what is there
         saved = info.spec.with_adapters({n: info.spec.adapters[n] for n in names})
     files[Path(SPEC_FILE_NAME)] = dump_spec(saved).encode()
+    card = model_card(model, saved, existing=existing_card(target), where=str(target / CARD_NAME))
+    files[Path(CARD_NAME)] = card.encode()
     _write_all(target, files)
+    if not safe_serialization:  # a safetensors file left from before would be read first
+        for name in names:
+            stale = target / ("" if name == "default" else name) / WEIGHTS_NAME
+            stale.unlink(missing_ok=True)
     return target
-
-
-def _name_or_path(model: nn.Module) -> str | None:
-    """Where the base model was loaded from (transformers' ``name_or_path``), or None."""
-    name = model.__dict__.get("name_or_path") or getattr(
-        getattr(model, "config", None), "_name_or_path", None
-    )
-    return str(name) if name else None
 
 
 def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] | None:
@@ -116,12 +126,14 @@ def _as_peft_resolves(config: dict[str, Any], info: Compiled, name: str) -> None
 def _write_all(target: Path, files: dict[Path, bytes | dict[str, object]]) -> None:
     # an existing directory may hold other files (a trainer's checkpoint): replace ours,
     # weights before configs
-    order = sorted(files, key=lambda r: r.name != WEIGHTS_NAME)
+    order = sorted(files, key=lambda r: r.name not in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
     with staged_files(target, order) as staging:
         for rel, content in files.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, dict):
+            if isinstance(content, dict) and rel.name == LEGACY_WEIGHTS_NAME:
+                torch.save(content["tensors"], str(path))  # plain tensors: weights_only loads it
+            elif isinstance(content, dict):
                 save_file(content["tensors"], str(path), metadata={"format": "pt"})  # type: ignore[arg-type]
             else:
                 path.write_bytes(content)

@@ -12,6 +12,7 @@ from adaptc.layers.base import (
     register,
     share_parameter,
 )
+from adaptc.layers.mha import MultiheadAttentionKind
 from adaptc.layers.standard import Conv1DKind, ConvKind, EmbeddingKind, LinearKind
 
 # First match wins: specific kinds before general ones.
@@ -21,6 +22,7 @@ register(EmbeddingKind())
 register(ConvKind("nn.Conv1d", nn.Conv1d))
 register(ConvKind("nn.Conv2d", nn.Conv2d))
 register(ConvKind("nn.Conv3d", nn.Conv3d))
+register(MultiheadAttentionKind())
 
 __all__ = [
     "Conv1DKind",
@@ -28,6 +30,7 @@ __all__ = [
     "EmbeddingKind",
     "LayerKind",
     "LinearKind",
+    "MultiheadAttentionKind",
     "UnsupportedLayerError",
     "find_kind",
     "kind_names",

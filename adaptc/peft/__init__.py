@@ -18,9 +18,12 @@ from adaptc.peft.config import (
     CONFIG_CLASSES,
     LoraConfig,
     LoraRuntimeConfig,
+    NoMatchingPeftModuleError,
     NotSupportedError,
     PeftConfig,
+    PeftError,
     PeftType,
+    PeftWarning,
     TaskType,
     get_peft_config,
 )
@@ -36,6 +39,19 @@ from adaptc.peft.mapping import (
     inject_adapter_in_model,
 )
 from adaptc.peft.model import PeftModel
+from adaptc.peft.state import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
+from adaptc.peft.status import (
+    TunerLayerStatus,
+    TunerModelStatus,
+    get_layer_status,
+    get_model_status,
+)
 from adaptc.peft.tasks import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModelForCausalLM,
@@ -52,6 +68,7 @@ for _name in NAMES:  # each method's config class registers itself when its faca
         importlib.import_module(f"adaptc.methods.{_name}.facade")
 _CONFIGS = {cls.__name__: cls for cls in CONFIG_CLASSES.values()}  # LoraConfig, IA3Config, …
 globals().update(_CONFIGS)
+PEFT_TYPE_TO_CONFIG_MAPPING = {PeftType(k): v for k, v in CONFIG_CLASSES.items()}
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
@@ -65,8 +82,11 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "LoraRuntimeConfig",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "NoMatchingPeftModuleError",
     "NotSupportedError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -75,9 +95,19 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "load_peft_weights",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
     *sorted(set(_CONFIGS) - {"LoraConfig"}),
 ]

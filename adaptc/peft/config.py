@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
-from adaptc.compiler import compiled_info
+from adaptc.compiler import NoTargetsError, compiled_info
 from adaptc.spec import Spec, from_peft_config
 from adaptc.spec.load import PEFT_CONFIG_NAME
 from adaptc.spec.method import PEFT_FORMAT_VERSION, method_specs
@@ -39,6 +39,19 @@ __all__ = [
     "read_config",
     "register_config",
 ]
+
+
+class PeftError(Exception):
+    """PEFT's base error class (adaptc raises its subclasses where PEFT does)."""
+
+
+class PeftWarning(UserWarning):
+    """PEFT's base warning class."""
+
+
+class NoMatchingPeftModuleError(PeftError, NoTargetsError):
+    """The adapter's targets matched no module of the model (PEFT's error, with adaptc's
+    message: which selector, the closest names and what the model has)."""
 
 
 class NotSupportedError(NotImplementedError, ValueError):
@@ -187,6 +200,40 @@ class PeftConfig:
             )
         target = config_class(data) if cls is PeftConfig else cls
         return target.from_dict(data)  # type: ignore[return-value]
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT's hook to check keyword arguments before a config is built (returns them)."""
+        return kwargs
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """The config of ``kwargs["peft_type"]``'s class (or of this class without one)."""
+        target: Any = cls if "peft_type" not in kwargs else config_class(kwargs)
+        return target.from_dict(kwargs)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_json_file(
+        cls, path_json_file: str | os.PathLike[str], **kwargs: Any
+    ) -> dict[str, Any]:
+        """The JSON object of a config file, as PEFT's (a dict; ``runtime_config`` dropped
+        with a warning: it only exists at run time)."""
+        del kwargs
+        try:
+            data = json.loads(Path(path_json_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {path_json_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path_json_file} does not hold a JSON object")
+        if "runtime_config" in data:
+            warnings.warn(
+                "The configuration file contains a `runtime_config` key. This is ignored. "
+                "Runtime configurations are only valid at runtime.",
+                UserWarning,
+                stacklevel=2,
+            )
+            del data["runtime_config"]
+        return data
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` as PEFT does (sets as lists, sorted keys)."""

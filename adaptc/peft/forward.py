@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from adaptc.adapters.mixed import BASE, adapter_names, mixed_batch
+from adaptc.compiler import merged_adapters
 from adaptc.peft.config import NotSupportedError
 
 __all__ = ["SPECIAL_FORWARD_ARGS", "check_special", "first_input", "special_forward"]
@@ -29,6 +30,11 @@ def special_forward(model: nn.Module, kwargs: dict[str, Any], first: Any) -> Ite
         return
     if model.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if merged_adapters(model):
+        raise ValueError(
+            "Cannot pass `adapter_names` when there are merged adapters, please call "
+            "`unmerge_adapter` first."
+        )
     unknown = {n for n in names if n != BASE} - set(adapter_names(model))
     if unknown:
         raise ValueError(

@@ -15,13 +15,12 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from adaptc.api import compile
 from adaptc.io import resolve_adapter_dir
 from adaptc.models import AUTO_CLASSES
 from adaptc.peft.config import LoraConfig, config_class, read_config
 from adaptc.peft.model import PeftModel
 from adaptc.peft.tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-from adaptc.peft.tuner import freeze, unsupported
+from adaptc.peft.tuner import compile_config, freeze, unsupported
 
 __all__ = [
     "AutoPeftModel",
@@ -84,11 +83,10 @@ def inject_adapter_in_model(
     PEFT returns the model passed in, changed in place; adaptc leaves it untouched, so use
     the returned model (``model = inject_adapter_in_model(cfg, model)``).
     """
-    if low_cpu_mem_usage:
-        raise unsupported("low_cpu_mem_usage", True, " (adapter weights are always initialised)")
+    del low_cpu_mem_usage  # changes nothing: adapter weights are created initialised
     if state_dict is not None:
         raise unsupported("state_dict", "{...}", " (name the targets in the config)")
-    new = compile(model, peft_config.to_spec(adapter_name))
+    new = compile_config(model, peft_config, adapter_name)
     if peft_config.inference_mode:
         freeze(new)
     return new

@@ -7,33 +7,42 @@ is the adapted model (``get_base_model()``); attributes are looked up through bo
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from adaptc.adapters import active_adapters
 from adaptc.adapters.manage import RecompileNeeded
 from adaptc.adapters.manage import add_adapter as core_add_adapter
 from adaptc.api import compile
-from adaptc.api import load_adapter as _load_adapter
-from adaptc.compiler import compiled_info
+from adaptc.compiler import CompileError
 from adaptc.counting import print_trainable_parameters, trainable_parameters
-from adaptc.io import resolve_adapter_dir, save_adapter
-from adaptc.io.load import add_loaded, read_spec
+from adaptc.io import push_adapter, resolve_adapter_dir, save_adapter, write_model_card
+from adaptc.io.load import AdapterLoadError, IncompatibleKeys, add_loaded, load_weights, read_spec
 from adaptc.peft.config import LoraConfig
 from adaptc.peft.forward import SPECIAL_FORWARD_ARGS, first_input, special_forward
+from adaptc.peft.status import (
+    TunerLayerStatus,
+    TunerModelStatus,
+    get_layer_status,
+    get_model_status,
+)
 from adaptc.peft.tuner import (
     LoraModel,
     adapter_parameters,
-    assemble,
     config_of,
+    deepcopy_module,
     freeze,
+    keep_base_dtype,
     unsupported,
 )
+from adaptc.spec import Spec
+from adaptc.spec.load import PEFT_CONFIG_NAME
 
 __all__ = ["PeftModel", "adapter_directory"]
 
@@ -57,8 +66,9 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
-        _check_autocast(autocast_adapter_dtype)
         self._setup(LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage))
+        if not autocast_adapter_dtype:
+            keep_base_dtype(self.get_base_model(), adapter_name)
 
     @classmethod
     def _wrap(cls, base_model: LoraModel) -> PeftModel:
@@ -81,6 +91,10 @@ class PeftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PeftModel:
+        """A ``PeftModel`` of the same class with its own weights (EMA, reference models)."""
+        return deepcopy_module(self, memo)  # type: ignore[no-any-return]
 
     # --- what PEFT users read ----------------------------------------------------------
     @property
@@ -109,6 +123,47 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         print_trainable_parameters(self)
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` of every adapter (None when there are none), as PEFT's."""
+        found: set[str] = set()
+        for config in self.peft_config.values():
+            found.update(getattr(config, "modules_to_save", None) or ())
+        return found or None
+
+    @property
+    def base_model_torch_dtype(self) -> Any:
+        return getattr(self.base_model, "dtype", None)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's check (kept as PEFT writes it): adapters enabled, or none active."""
+        return self.base_model.adapters_enabled or not self.active_adapters
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        return get_model_status(self)
+
+    def set_requires_grad(
+        self, adapter_names: str | Sequence[str], requires_grad: bool = True
+    ) -> None:
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
+        """PEFT's: inputs of the embeddings require grad, so checkpointed blocks train (on
+        the model given: pass the adapted model, never changed for your original)."""
+        if not any(
+            getattr(model, q, False)
+            for q in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")
+        ):
+            target: Any = model
+            if hasattr(target, "enable_input_require_grads"):
+                target.enable_input_require_grads()
+            elif hasattr(target, "get_input_embeddings"):
+                target.get_input_embeddings().register_forward_hook(_inputs_require_grad)
 
     # --- running -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -141,33 +196,47 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         return self.base_model.unload()
 
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Merge in place; :meth:`unmerge_adapter` puts the exact weights back."""
+        self.base_model.merge_adapter(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        """The adapted model's own (``generate`` calls it)."""
+        model: Any = self.get_base_model()
+        return model.prepare_inputs_for_generation(*args, **kwargs)
+
     # --- adapters ------------------------------------------------------------------------
     def add_adapter(
-        self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a new (inactive) adapter, in place: existing parameters stay the same objects
-        (an optimizer keeps working). An adapter that changes what others share (a new
+        """Add a new adapter, in place: existing parameters stay the same objects (an
+        optimizer keeps working). As in PEFT it is inactive and frozen until
+        :meth:`set_adapter`. An adapter that changes what others share (a new
         ``modules_to_save``, a bias mode, PiSSA/OLoRA) rebuilds the adapted model instead:
-        its parameters are then new objects."""
-        if low_cpu_mem_usage:
-            raise unsupported("low_cpu_mem_usage", True)
+        its parameters are then new objects. ``low_cpu_mem_usage`` changes nothing."""
+        del low_cpu_mem_usage
         if adapter_name in self.base_model.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         spec = peft_config.to_spec(adapter_name)
         try:
             core_add_adapter(self.base_model.model, spec)
         except RecompileNeeded:
-            pass  # rebuilt below
-        else:
-            if peft_config.inference_mode:
-                for p in adapter_parameters(self.base_model.model, adapter_name):
-                    p.requires_grad_(False)
-            self.base_model.peft_config[adapter_name] = peft_config
-            return
-        source = compile(self.base_model.__dict__["_original"], spec)
-        if peft_config.inference_mode:
-            freeze(source)
-        self.base_model.add_compiled(source, {adapter_name: adapter_name})
+            source = compile(self.base_model.__dict__["_original"], spec)
+            self.base_model.add_compiled(source, {adapter_name: adapter_name})
+        model = self.base_model.model
+        for p in adapter_parameters(model, adapter_name):
+            p.requires_grad_(False)
+        if not autocast_adapter_dtype:
+            keep_base_dtype(model, adapter_name)
         self.base_model.peft_config[adapter_name] = peft_config
 
     def load_adapter(
@@ -181,57 +250,38 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
-    ) -> None:
-        """Load a saved adapter under ``adapter_name`` (inactive; see :meth:`set_adapter`).
+    ) -> IncompatibleKeys:
+        """Load a saved adapter under ``adapter_name`` (inactive; see :meth:`set_adapter`);
+        returns PEFT's load result (``missing_keys``, ``unexpected_keys``: empty, since
+        adaptc refuses a file that does not match the model, naming the keys).
 
         In place, as in PEFT: existing parameters stay the same objects. An adapter that
         changes what others share (a new ``modules_to_save``, a bias mode) rebuilds the
-        adapted model instead."""
-        _check_load_args(torch_device, autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping)
+        adapted model instead. ``torch_device`` and ``low_cpu_mem_usage`` change nothing
+        (the weights go where the layer is); ``device_map``-style keywords are accepted
+        (everything is on one device here)."""
+        options = _load_options(torch_device, ephemeral_gpu_offload, key_mapping, kwargs)
         directory = adapter_directory(model_id, kwargs)
-        if self._load_in_place(model_id, directory, adapter_name, is_trainable):
-            if not is_trainable:
-                self.eval()
-            return
-        original = self.base_model.__dict__["_original"]
-        loaded = _load_adapter(
-            original, directory, adapter_name=adapter_name, trainable=is_trainable
+        spec, folder = _top_level(directory, adapter_name)
+        model = self.base_model.model
+        if adapter_name in self.base_model.peft_config:  # PEFT: load the weights into it
+            load_weights(model, adapter_name, folder, **options)
+            return IncompatibleKeys([], [])
+        try:
+            add_loaded(model, spec, {adapter_name: folder}, is_trainable, **options)
+        except RecompileNeeded:
+            original = self.base_model.__dict__["_original"]
+            loaded = _compile_loaded(original, spec, folder, adapter_name, is_trainable, options)
+            self.base_model.add_compiled(loaded, {adapter_name: adapter_name})
+        model = self.base_model.model
+        self.base_model.peft_config[adapter_name] = config_of(
+            model, adapter_name, inference_mode=not is_trainable
         )
-        info = compiled_info(loaded)
-        assert info is not None
-        if adapter_name in info.spec.adapters:
-            renames = {adapter_name: adapter_name}
-        elif len(info.spec.adapters) == 1:
-            renames = {next(iter(info.spec.adapters)): adapter_name}
-        else:
-            raise ValueError(
-                f"{model_id} holds adapters {', '.join(info.spec.adapters)}, not {adapter_name!r}"
-            )
-        self.base_model.add_compiled(loaded, renames)
+        if not autocast_adapter_dtype:
+            keep_base_dtype(model, adapter_name)
         if not is_trainable:
             self.eval()
-
-    def _load_in_place(
-        self, model_id: Any, directory: Path, adapter_name: str, is_trainable: bool
-    ) -> bool:
-        """Add the saved adapter to the adapted model in place; False when it needs the
-        model rebuilt (it changes what the other adapters share, or its name is taken)."""
-        if adapter_name in self.base_model.peft_config:
-            return False  # the rebuild says why
-        spec, folders = read_spec(directory, adapter_name)
-        names = list(spec.adapters)
-        chosen = adapter_name if adapter_name in names else names[0]
-        if chosen != adapter_name and len(names) > 1:
-            raise ValueError(f"{model_id} holds adapters {', '.join(names)}, not {adapter_name!r}")
-        one = spec.with_adapters({adapter_name: spec.adapters[chosen]})
-        model = self.base_model.model
-        try:
-            add_loaded(model, one, {adapter_name: folders[chosen]}, is_trainable)
-        except RecompileNeeded:
-            return False
-        config = config_of(model, adapter_name, inference_mode=not is_trainable)
-        self.base_model.peft_config[adapter_name] = config
-        return True
+        return IncompatibleKeys([], [])
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -247,9 +297,8 @@ class PeftModel(nn.Module):
         path_initial_model_for_weight_conversion: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """PEFT's adapter directory (``adaptc.save_adapter``), plus ``adaptc_spec.yaml``."""
-        if not safe_serialization:
-            raise unsupported("safe_serialization", False, " (safetensors only; never pickle)")
+        """PEFT's adapter directory (``adaptc.save_adapter``), plus ``adaptc_spec.yaml``;
+        ``safe_serialization=False`` writes PEFT's ``adapter_model.bin``."""
         if save_embedding_layers != "auto":
             raise unsupported("save_embedding_layers", save_embedding_layers)
         if path_initial_model_for_weight_conversion is not None:
@@ -266,7 +315,37 @@ class PeftModel(nn.Module):
             )
         if not is_main_process:
             return
-        save_adapter(self.get_base_model(), save_directory, adapters=names)
+        save_adapter(
+            self.get_base_model(), save_directory, adapters=names,
+            safe_serialization=safe_serialization,
+        )  # fmt: skip
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike[str]) -> None:
+        """Write (or update) the ``README.md`` model card in ``output_dir``, as PEFT's."""
+        write_model_card(output_dir, self.get_base_model(), adapters=list(self.peft_config))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> str:
+        """Upload the adapters (PEFT's files and the model card) to the Hub repository
+        ``repo_id`` (created when missing); returns the commit's URL. ``max_shard_size``
+        changes nothing (adapter files are not sharded)."""
+        del max_shard_size
+        return push_adapter(
+            self.get_base_model(), repo_id, adapters=list(self.peft_config), private=private,
+            token=token, revision=revision, commit_message=commit_message or "Upload model",
+            commit_description=commit_description, create_pr=create_pr, tags=tags,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(
@@ -286,40 +365,93 @@ class PeftModel(nn.Module):
         (a directory, or a hub id: downloaded as peft does, ``revision``, ``token``,
         ``subfolder``, ``cache_dir`` and ``local_files_only`` read).
 
-        ``low_cpu_mem_usage`` is accepted and changes nothing (the weights are loaded).
+        As in PEFT, the adapter at the top of the directory is loaded (others in its
+        sub-directories are loaded with :meth:`load_adapter`), under ``adapter_name``;
+        ``config`` replaces its ``adapter_config.json``. ``torch_device`` and
+        ``low_cpu_mem_usage`` change nothing (the weights go where the layers are).
         """
+        options = _load_options(
+            kwargs.pop("torch_device", None), ephemeral_gpu_offload, key_mapping, kwargs
+        )
+        directory = adapter_directory(model_id, kwargs)
         if config is not None:
-            raise unsupported("config", config, " (the adapter's own adapter_config.json is used)")
-        device = kwargs.pop("torch_device", None)
-        _check_load_args(device, autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping)
-        loaded = _load(model, model_id, adapter_name, is_trainable, kwargs)
-        info = compiled_info(loaded)
-        assert info is not None
-        names = list(info.spec.adapters)
-        if names == [names[0]] and names[0] != adapter_name:  # an adaptc dir, another name
-            loaded = assemble(model, [(loaded, names[0], adapter_name)], info.spec)
-            names = [adapter_name]
-        configs = {n: config_of(loaded, n, inference_mode=not is_trainable) for n in names}
+            spec, folder = config.to_spec(adapter_name), directory
+        else:
+            spec, folder = _top_level(directory, adapter_name)
+        loaded = _compile_loaded(model, spec, folder, adapter_name, is_trainable, options)
+        configs = {adapter_name: config_of(loaded, adapter_name, inference_mode=not is_trainable)}
+        if config is not None:
+            configs[adapter_name] = copy.deepcopy(config)
+            configs[adapter_name].inference_mode = not is_trainable
         lora = LoraModel.from_compiled(loaded, model, configs)
-        task = info.spec.task_type
+        task = spec.task_type
         wrapper = PeftModel.task_classes.get(task, cls) if task else cls
         peft_model = wrapper._wrap(lora)
-        if adapter_name in names and active_adapters(loaded) != (adapter_name,):
-            peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
+        if not autocast_adapter_dtype:
+            keep_base_dtype(loaded, adapter_name)
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
 
-def _load(
+_DEVICE_KEYWORDS = ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index")
+
+
+def _load_options(
+    torch_device: str | None,
+    ephemeral_gpu_offload: bool,
+    key_mapping: dict[str, str] | None,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """Check the loading keywords PEFT's ``from_pretrained``/``load_adapter`` take; returns
+    the options for adaptc's loader. The device keywords are checked and removed."""
+    if torch_device is not None:
+        torch.device(torch_device)  # a bad name is an error, as in PEFT
+    if ephemeral_gpu_offload:
+        raise unsupported("ephemeral_gpu_offload", True)
+    if key_mapping:
+        raise unsupported("key_mapping", key_mapping)
+    for key in _DEVICE_KEYWORDS:
+        kwargs.pop(key, None)
+    kwargs.pop("low_cpu_mem_usage", None)
+    return {"ignore_mismatched_sizes": bool(kwargs.pop("ignore_mismatched_sizes", False))}
+
+
+def _top_level(directory: Path, adapter_name: str) -> tuple[Spec, Path]:
+    """The adapter at the top of ``directory`` (PEFT's ``adapter_config.json`` there, or
+    adaptc's spec's ``default``), as a one-adapter spec named ``adapter_name``."""
+    spec, folders = read_spec(directory, adapter_name)
+    top = [n for n, f in folders.items() if f == directory]
+    if not top:
+        raise AdapterLoadError(
+            f"{directory} holds no adapter at its top ({PEFT_CONFIG_NAME}); its adapters are "
+            f"in sub-directories: load one by its directory, e.g. "
+            f"{directory / next(iter(folders))}"
+        )
+    return spec.with_adapters({adapter_name: spec.adapters[top[0]]}), directory
+
+
+def _compile_loaded(
     model: nn.Module,
-    model_id: str | os.PathLike[str],
+    spec: Spec,
+    folder: Path,
     adapter_name: str,
     is_trainable: bool,
-    kwargs: dict[str, Any],
+    options: dict[str, Any],
 ) -> nn.Module:
-    directory = adapter_directory(model_id, kwargs)
-    return _load_adapter(model, directory, adapter_name=adapter_name, trainable=is_trainable)
+    """``model`` (untouched) compiled with the one adapter of ``spec`` and its weights."""
+    try:
+        loaded = compile(model, spec)
+    except CompileError as exc:
+        raise AdapterLoadError(f"the adapter at {folder} does not fit this model: {exc}") from None
+    load_weights(loaded, adapter_name, folder, **options)
+    if not is_trainable:
+        freeze(loaded)
+    return loaded
+
+
+def _inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
+    output.requires_grad_(True)
 
 
 def adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Path:
@@ -335,6 +467,8 @@ def adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) 
     token = legacy_token if token is None else token
     local_files_only = bool(kwargs.pop("local_files_only", False))
     kwargs.pop("low_cpu_mem_usage", None)
+    for key in _DEVICE_KEYWORDS:
+        kwargs.pop(key, None)
     if kwargs:
         key = sorted(kwargs)[0]
         raise unsupported(key, kwargs[key])
@@ -342,28 +476,6 @@ def adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) 
         model_id, cache_dir=cache_dir, revision=revision, token=token,
         local_files_only=local_files_only, subfolder=subfolder,
     )  # fmt: skip
-
-
-def _check_load_args(
-    torch_device: str | None,
-    autocast_adapter_dtype: bool,
-    ephemeral_gpu_offload: bool,
-    key_mapping: dict[str, str] | None,
-) -> None:
-    if torch_device is not None:
-        raise unsupported("torch_device", torch_device, " (weights load onto the model's device)")
-    _check_autocast(autocast_adapter_dtype)
-    if ephemeral_gpu_offload:
-        raise unsupported("ephemeral_gpu_offload", True)
-    if key_mapping:
-        raise unsupported("key_mapping", key_mapping)
-
-
-def _check_autocast(autocast_adapter_dtype: bool) -> None:
-    if not autocast_adapter_dtype:
-        raise unsupported(
-            "autocast_adapter_dtype", False, " (adapters on a half-precision base are float32)"
-        )
 
 
 def _prepare_for_gradient_checkpointing(model: Any) -> None:

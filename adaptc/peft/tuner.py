@@ -14,7 +14,8 @@ fall through to ``model``, it has:
 - ``delete_adapter`` and ``add_weighted_adapter`` (:mod:`adaptc.peft.combine`), which change
   the compiled model in place;
 - merging: ``merge_and_unload`` and ``unload`` return a new model and this one stays
-  valid; ``merge_adapter`` / ``unmerge_adapter`` (in place) raise ``NotSupportedError``.
+  valid; ``merge_adapter`` / ``unmerge_adapter`` merge in place and undo it exactly
+  (:mod:`adaptc.compiler.inplace`: the unmerged weights are kept, not recomputed).
 
 Also the helpers the other facade modules share: :func:`config_of` (the ``LoraConfig`` PEFT
 would hold for an adapter of a compiled model), :func:`freeze` and :func:`unsupported`.
@@ -22,6 +23,7 @@ would hold for an adapter of a compiled model), :func:`freeze` and :func:`unsupp
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,28 +31,54 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.adapters import disabled, set_active
+from adaptc.adapters import disabled, set_active, set_enabled
 from adaptc.adapters.keys import adapter_tensors
 from adaptc.adapters.manage import delete_adapter as core_delete_adapter
 from adaptc.api import compile, merge
-from adaptc.compiler import compiled_info
+from adaptc.compiler import NoTargetsError, compiled_info, merge_in_place, unmerge_in_place
+from adaptc.compiler import merged_adapters as merged_names
 from adaptc.compiler.saved import ModulesToSave
+from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.targets import LORA_TARGET_MODULES
+from adaptc.methods.registry import branches_of
 from adaptc.peft.combine import add_weighted_adapter
-from adaptc.peft.config import LoraConfig, NotSupportedError, config_of
+from adaptc.peft.config import LoraConfig, NoMatchingPeftModuleError, NotSupportedError, config_of
 from adaptc.peft.forward import first_input, special_forward
 from adaptc.spec import Spec
 
-__all__ = ["LoraModel", "config_of", "freeze", "unsupported"]
+__all__ = ["LoraModel", "compile_config", "config_of", "freeze", "keep_base_dtype", "unsupported"]
 
 
 def unsupported(what: str, value: Any, hint: str = "") -> NotSupportedError:
     return NotSupportedError(f"{what}={value!r} is not supported by adaptc{hint}")
 
 
+def compile_config(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    """``adaptc.compile`` of the config's spec; targets that match nothing raise PEFT's
+    ``NoMatchingPeftModuleError`` (a ``ValueError``) with adaptc's message."""
+    try:
+        return compile(model, config.to_spec(adapter_name))
+    except NoTargetsError as exc:
+        raise NoMatchingPeftModuleError(str(exc)) from None
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def keep_base_dtype(model: nn.Module, adapter: str) -> None:
+    """PEFT's ``autocast_adapter_dtype=False``: the adapter's weights on a float16 or
+    bfloat16 layer take the layer's dtype (by default they are float32)."""
+    for layer in model.modules():
+        branches = branches_of(layer, [adapter])
+        if branches:
+            dtype = kind_of(layer).weight(layer).dtype
+            if dtype in (torch.float16, torch.bfloat16):
+                for branch in branches:
+                    branch.to(dtype)
 
 
 class LoraModel(nn.Module):
@@ -61,6 +89,20 @@ class LoraModel(nn.Module):
     """
 
     prefix = "lora_"
+    # PEFT's names for what it builds on; adaptc's layers are the base layers themselves,
+    # with the adapter as a child module (a LoraBranch), so isinstance checks differ
+    tuner_layer_cls = LoraBranch
+    target_module_mapping = LORA_TARGET_MODULES  # model type -> default target_modules
+    uses_shared_state = False
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict[str, Any]:
+        """The model's config as a dict (``{"model_type": "custom"}`` for a plain torch
+        model), as PEFT's."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return {"model_type": "custom"}
+        return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
     def __init__(
         self,
@@ -68,14 +110,16 @@ class LoraModel(nn.Module):
         config: LoraConfig | dict[str, LoraConfig],
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, Any] | None = None,
     ) -> None:
+        """``low_cpu_mem_usage`` changes nothing: adapter weights are created initialised on
+        the base's device (PEFT creates them on the meta device, to be loaded)."""
         super().__init__()
-        if low_cpu_mem_usage:
-            raise unsupported(
-                "low_cpu_mem_usage", True, " (adapter weights are always initialised)"
-            )
+        del low_cpu_mem_usage
+        if state_dict is not None:
+            raise unsupported("state_dict", "{...}", " (name the targets in the config)")
         cfg = config[adapter_name] if isinstance(config, dict) else config
-        compiled = compile(model, cfg.to_spec(adapter_name))
+        compiled = compile_config(model, cfg, adapter_name)
         if cfg.inference_mode:
             freeze(compiled)
         self._install(compiled, model, {adapter_name: cfg})
@@ -95,8 +139,13 @@ class LoraModel(nn.Module):
     ) -> None:
         self.model = compiled
         self.__dict__["_original"] = original  # not a submodule: its weights are not ours
-        self.__dict__["_enabled"] = True
         self.peft_config: dict[str, LoraConfig] = configs
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoraModel:
+        """A copy with its own weights (an EMA or reference model), the same class. The
+        user's untouched model, kept to recompile from, is shared, not copied."""
+        new: LoraModel = deepcopy_module(self, memo, shared=("_original",))
+        return new
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "adapter_names" not in kwargs:
@@ -135,22 +184,46 @@ class LoraModel(nn.Module):
             for p in adapter_parameters(self.model, adapter):
                 p.requires_grad_(trainable)
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The paths (in the user's model) of the layers the adapters target, as PEFT's."""
+        info = compiled_info(self.model)
+        assert info is not None
+        return list(dict.fromkeys(t.path for t in info.plan.targets))
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        return []  # adaptc targets modules (target_parameters is not supported yet)
+
+    def set_requires_grad(
+        self, adapter_names: str | Sequence[str], requires_grad: bool = True
+    ) -> None:
+        """Turn the gradients of the adapters' weights (and saved copies) on or off."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} not found (has: {', '.join(self.peft_config)}).")
+            for p in adapter_parameters(self.model, name):
+                p.requires_grad_(requires_grad)
+
     def disable_adapter_layers(self) -> None:
         """Run the base model alone until :meth:`enable_adapter_layers`; as in PEFT, the
-        adapters' weights stop requiring grad meanwhile."""
-        if self.__dict__["_enabled"]:
-            self.__dict__["_enabled"] = tuple(self.active_adapters)
-            set_active(self.model, [])
+        adapters' weights stop requiring grad meanwhile, and merged adapters are unmerged."""
+        if self.adapters_enabled:
+            set_enabled(self.model, False)
             self._branches_require_grad(())
 
     def enable_adapter_layers(self) -> None:
         """Run the adapters again; as PEFT's, the active ones' weights require grad again
         and the others' do not."""
-        previous = self.__dict__["_enabled"]
-        if previous is not True:
-            set_active(self.model, list(previous))
-            self.__dict__["_enabled"] = True
-            self._branches_require_grad(tuple(previous))
+        if not self.adapters_enabled:
+            set_enabled(self.model, True)
+            self._branches_require_grad(tuple(self.active_adapters))
+
+    @property
+    def adapters_enabled(self) -> bool:
+        info = compiled_info(self.model)
+        return info is not None and not info.disabled
 
     def _branches_require_grad(self, adapters: tuple[str, ...]) -> None:
         for module in self.model.modules():
@@ -178,6 +251,10 @@ class LoraModel(nn.Module):
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
+        """The base model's outputs inside; PEFT's ``disable_adapter()`` context: merged
+        adapters are unmerged, and ``adapter_names=`` cannot bring adapters back."""
+        if merged_names(self.model):
+            unmerge_in_place(self.model)
         with disabled(self.model):
             yield
 
@@ -199,17 +276,31 @@ class LoraModel(nn.Module):
         """A new plain model without the adapters (``modules_to_save`` copies kept, as PEFT)."""
         return merge(self.model, adapters=[], safe=False)
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        raise NotSupportedError(
-            "merge_adapter (merging in place) is not supported by adaptc: "
-            "merge_and_unload() returns a new merged model and this one stays valid"
-        )
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Merge the adapters (default: the active ones) into the weights, in place: the
+        forward costs the base model's. The unmerged weights are kept, so
+        :meth:`unmerge_adapter` is exact (PEFT subtracts the delta again)."""
+        if adapter_names is not None:
+            unknown = [n for n in adapter_names if n not in self.peft_config]
+            if unknown:
+                has = ", ".join(self.peft_config)
+                raise ValueError(f"Adapter {unknown[0]} not found (has: {has}).")
+        merge_in_place(self.model, adapter_names, safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        raise NotSupportedError(
-            "unmerge_adapter is not supported by adaptc: adaptc never merges in place, "
-            "so there is nothing to undo"
-        )
+        """Put the exact unmerged weights back (a no-op when nothing is merged)."""
+        unmerge_in_place(self.model)
+
+    @property
+    def merged(self) -> bool:
+        """Whether adapters are merged in place (what PEFT's layers report)."""
+        return bool(merged_names(self.model))
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(merged_names(self.model))
 
     # --- adapters: recompile and carry the weights over --------------------------------
     def add_compiled(self, source: nn.Module, renames: dict[str, str]) -> None:
@@ -228,10 +319,15 @@ class LoraModel(nn.Module):
         self._rebuild([*current, *added], configs)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter in place (the other adapters' parameters stay the same
+        objects); the last one too, as in PEFT: the model then runs the base model."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        if len(self.peft_config) == 1:
-            raise ValueError("cannot delete the only adapter (use unload() for the base model)")
+        if adapter_name in merged_names(self.model):
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. "
+                "Please unmerge them first."
+            )
         core_delete_adapter(self.model, adapter_name)  # in place: other parameters stay
         self.peft_config = {k: v for k, v in self.peft_config.items() if k != adapter_name}
 
@@ -241,12 +337,16 @@ class LoraModel(nn.Module):
         old = self.model
         info = compiled_info(old)
         assert info is not None
+        merged = [a for a in merged_names(old) if a in configs]
+        unmerge_in_place(old)  # the weights to carry over are the unmerged ones
         active = [a for a in info.active if a in configs] or [parts[0][2]]
         new = assemble(self.__dict__["_original"], parts, info.spec)
         device = next((p.device for p in old.parameters()), None)
         if device is not None and any(p.device != device for p in new.parameters()):
             new.to(device)  # the adapted model was moved (`.to("cuda")`): follow it
         set_active(new, active)
+        if merged:
+            merge_in_place(new, merged)
         new.train(old.training)
         self._install(new, self.__dict__["_original"], configs)
 
@@ -292,6 +392,17 @@ def _storage(t: torch.Tensor) -> int:
 def _storages(model: nn.Module) -> set[int]:
     tensors = [*model.parameters(), *model.buffers()]
     return {_storage(t) for t in tensors if not t.is_meta}
+
+
+def deepcopy_module(module: Any, memo: dict[int, Any], shared: tuple[str, ...] = ()) -> Any:
+    """``copy.deepcopy`` of ``module`` done as for any object (the facade's classes look
+    attributes up on the wrapped model, which would otherwise answer ``__deepcopy__``)."""
+    cls: Any = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    for key, value in module.__dict__.items():
+        new.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
+    return new
 
 
 def adapter_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter]:

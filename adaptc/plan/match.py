@@ -66,17 +66,10 @@ class TargetError(ValueError):
     """The adapter's targets do not fit the model; the message is one line for the user."""
 
 
-# Type names the spec knows whose layers no kind adapts yet (their targets get a message
-# of their own); every other name of the spec's `types` is a registered layer kind's.
-_NOT_YET_KINDS: dict[str, type[nn.Module]] = {"nn.MultiheadAttention": nn.MultiheadAttention}
-
-
 def layer_type_name(module: nn.Module) -> str | None:
     """The spec's type name of ``module``: its layer kind's name, or None."""
     kind = find_kind(module)
-    if kind is not None:
-        return kind.name
-    return next((n for n, cls in _NOT_YET_KINDS.items() if isinstance(module, cls)), None)
+    return None if kind is None else kind.name
 
 
 @dataclass(frozen=True)
@@ -348,21 +341,15 @@ def _check_supported(
     method: str,
 ) -> None:
     if supported is None:
-        names = {*kind_names(), *_NOT_YET_KINDS}
+        names = set(kind_names())
         supported, supported_names = _has_type_name, [n for n in LAYER_TYPES if n in names]
     listed = f"; supported: {', '.join(supported_names)}" if supported_names else ""
     for key, module in targets:
         if supported(module):
             continue
         cls = type(module).__name__
-        if isinstance(module, nn.MultiheadAttention):
-            raise TargetError(
-                f"module {key!r} is an nn.MultiheadAttention, which adaptc does not adapt yet "
-                f"(its fused in_proj weight has no exact branch); target {key + '.out_proj'!r} "
-                f"or another layer{listed}"
-            )
         inner = next((f"{key}.{k}" for k, m in module.named_modules() if k and supported(m)), None)
-        if inner is not None:
+        if inner is not None and find_kind(module) is None:  # a layer (MHA) holds layers too
             raise TargetError(
                 f"module {key!r} ({cls}) is selected by {selector.label}, but it is a container, "
                 f"not a layer: select its layers instead (e.g. {inner!r}){listed}"
@@ -374,7 +361,7 @@ def _check_supported(
 
 
 def _has_type_name(module: nn.Module) -> bool:
-    """PEFT's own layer types (what it would adapt), whether adaptc has a kind or not."""
+    """Whether ``module`` has a layer kind (the types PEFT adapts)."""
     return layer_type_name(module) is not None
 
 

@@ -35,6 +35,7 @@ class PlannedTarget:
     params: int
     method: str
     settings: Settings  # the method's own, e.g. LoRA's r, lora_alpha, scaling
+    frozen_params: int = 0  # of `params`, those that never train (MiCA's B)
 
     def __getattr__(self, name: str) -> Any:
         """The method's settings read as the target's own (``target.r`` for LoRA)."""
@@ -57,6 +58,7 @@ class PlannedTarget:
             "out_features": self.out_features,
             **method(self.method).plan_fields(self.settings),
             "params": self.params,
+            "frozen_params": self.frozen_params,
         }
 
 
@@ -75,9 +77,15 @@ class Plan:
         return sum(t.params for t in self.targets)
 
     @property
+    def frozen_params(self) -> int:
+        """Adapter parameters that never train (MiCA's ``B``)."""
+        return sum(t.frozen_params for t in self.targets)
+
+    @property
     def trainable_params(self) -> int:
         saved = sum(n for _, _, n in self.modules_to_save)
-        return self.adapter_params + saved + sum(n for _, n in self.trainable_biases)
+        adapters = self.adapter_params - self.frozen_params
+        return adapters + saved + sum(n for _, n in self.trainable_biases)
 
     @property
     def total_params(self) -> int:
@@ -117,6 +125,7 @@ class Plan:
             "trainable_biases": [{"name": p, "params": n} for p, n in self.trainable_biases],
             "base_params": self.base_params,
             "adapter_params": self.adapter_params,
+            "frozen_params": self.frozen_params,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "warnings": list(self.warnings),
@@ -211,20 +220,24 @@ def plan_target(
     key = (entry.name, kind.name, type(module), shapes, replace(settings, target="", adapter=""))  # type: ignore[type-var]
     if key not in _PARAM_COUNTS:  # layers of one shape have one count: build one meta branch
         branch, _ = entry.make_branch(kind, _meta_twin(module), settings)
-        _PARAM_COUNTS[key] = sum(p.numel() for p in branch.parameters())
+        tensors = list(branch.parameters())
+        frozen = sum(p.numel() for p in tensors if not p.requires_grad)
+        _PARAM_COUNTS[key] = (sum(p.numel() for p in tensors), frozen)
+    params, frozen = _PARAM_COUNTS[key]
     return PlannedTarget(
         adapter=settings.adapter,
         path=settings.target,
         layer_type=kind.name,
         in_features=fan_in,
         out_features=fan_out,
-        params=_PARAM_COUNTS[key],
+        params=params,
         method=entry.name,
         settings=settings,
+        frozen_params=frozen,
     )
 
 
-_PARAM_COUNTS: dict[tuple[Any, ...], int] = {}
+_PARAM_COUNTS: dict[tuple[Any, ...], tuple[int, int]] = {}  # (params, frozen_params)
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:

@@ -161,7 +161,11 @@ class Spec(BaseModel):
         return self.adapters[name]
 
     def with_adapters(self, adapters: Mapping[str, Any]) -> Spec:
-        """This spec carrying ``adapters`` (validated settings, in order) instead."""
+        """This spec carrying ``adapters`` (validated settings, in order) instead. None at
+        all is the state of a compiled model whose last adapter was deleted, never a spec
+        a user writes."""
+        if not adapters:
+            return self.model_copy(update={"adapters": {}})
         return Spec.model_validate({**self.model_dump(by_alias=True), "adapters": dict(adapters)})
 
     def to_dict(self) -> dict[str, Any]:

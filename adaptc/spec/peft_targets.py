@@ -74,6 +74,10 @@ def selection_from_peft(cfg: Mapping[str, Any], adapter: dict[str, Any]) -> None
     value = cfg.get("exclude_modules")
     if value:
         adapter["exclude"] = _selector(value, allow_all_linear=False)
+        targets, exclude = adapter.get("targets"), adapter["exclude"]
+        if targets and targets["kind"] == exclude["kind"] == "names":  # peft: exclusion wins
+            names = [n for n in targets["names"] if n not in set(exclude["names"])]
+            adapter["targets"] = {"kind": "names", "names": names}
     value = cfg.get("modules_to_save")
     if value is not None:  # peft writes its task heads twice (["classifier",
         adapter["modules_to_save"] = _unique(value)  # "classifier", "score"])

@@ -10,6 +10,7 @@ import torch
 
 import adaptc
 from adaptc.adapters.manage import add_adapter, delete_adapter
+from adaptc.methods.base import Branch
 from tests.compiler.models import NestedMLP, hf_inputs, tiny_hf
 from tests.compiler.parity import output_tensor, peft_config, share_adapter_weights
 
@@ -59,8 +60,13 @@ def test_deleted_adapter_is_gone_and_the_other_stays():
     assert "fc2.lora_b" not in new.code
     assert not any(n.startswith("blocks.0.fc2.lora_b") for n, _ in new.named_parameters())
     torch.testing.assert_close(new(x), before)  # "a" was active and still is
-    with pytest.raises(adaptc.CompileError, match="only adapter"):
-        delete_adapter(new, "a")
+    delete_adapter(new, "a")  # the last one too, as with PEFT: the base model's outputs
+    assert adaptc.active_adapters(new) == ()
+    assert not any(isinstance(m, Branch) for m in new.modules())
+    torch.testing.assert_close(new(x), model(x))
+    add_adapter(new, one("c", ["fc1"]))  # and adapters can come back
+    adaptc.set_active(new, "c")
+    torch.testing.assert_close(new(x), model(x))  # B = 0
 
 
 def test_add_adapter_errors():

@@ -74,6 +74,7 @@ def test_compile_prints_plan_and_peft_line_and_writes_a_peft_adapter(capsys, ckp
     peft_model.print_trainable_parameters()
     assert lines[-1] == capsys.readouterr().out.strip()  # PEFT's own line, to the digit
     assert sorted(p.name for p in out_dir.iterdir()) == [
+        "README.md",
         "adaptc_spec.yaml",
         "adapter_config.json",
         "adapter_model.safetensors",

@@ -98,9 +98,12 @@ def test_no_warning_for_a_clean_compile():
     assert torch.is_grad_enabled()
 
 
-def test_multihead_attention_is_refused_clearly():
-    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+def test_multihead_attention_refuses_what_peft_refuses_clearly():
+    # LoRA on nn.MultiheadAttention: tests/methods/test_lora_mha.py
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
     with pytest.raises(adaptc.CompileError) as info:
         compile_(model, targets={"kind": "types", "types": ["nn.MultiheadAttention"]})
-    assert "is an nn.MultiheadAttention, which adaptc does not adapt yet" in str(info.value)
-    assert "'0.out_proj'" in str(info.value)
+    assert str(info.value) == (
+        "0: nn.MultiheadAttention has query/key/value of different sizes (kdim/vdim); only "
+        "one size is supported (as in PEFT)"
+    )

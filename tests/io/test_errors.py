@@ -174,6 +174,7 @@ def test_save_into_an_existing_directory_keeps_other_files(tmp_path):
     adaptc.save_adapter(new, tmp_path)
     assert (tmp_path / "optimizer.pt").read_bytes() == b"trainer state"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
         "adaptc_spec.yaml",
         "adapter_config.json",
         "adapter_model.safetensors",

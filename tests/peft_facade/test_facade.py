@@ -18,6 +18,7 @@ from torch import nn
 
 import adaptc
 import adaptc.peft as ap
+from adaptc.io.load import AdapterLoadError
 from tests.compiler.models import DummyModel, hf_inputs, tiny_hf
 from tests.compiler.parity import output_tensor
 from tests.compiler.test_untouched import assert_same, snapshot
@@ -344,7 +345,10 @@ def test_load_set_and_delete_adapters_as_peft(tmp_path):
     assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
     mine.save_pretrained(tmp_path / "only-other", selected_adapters=["other"])
-    again = ap.PeftModel.from_pretrained(base, tmp_path / "only-other", adapter_name="other")
+    with pytest.raises(AdapterLoadError, match="holds no adapter at its top"):  # peft: no config
+        ap.PeftModel.from_pretrained(base, tmp_path / "only-other", adapter_name="other")
+    # peft's layout: an adapter other than "default" is in the sub-directory of its name
+    again = ap.PeftModel.from_pretrained(base, tmp_path / "only-other" / "other", "other")
     torch.testing.assert_close(out(again, "opt"), out(mine, "opt"), rtol=0, atol=0)
 
     mine.delete_adapter("default")
@@ -382,16 +386,11 @@ def test_adapters_added_after_moving_to_the_gpu_follow_the_model(tmp_path):
     ("call", "argument"),
     [
         (lambda m, d: ap.get_peft_model(m, ap.LoraConfig(), mixed=True), "mixed"),
-        (lambda m, d: ap.get_peft_model(m, ap.LoraConfig(), autocast_adapter_dtype=False), "auto"),
-        (lambda m, d: ap.get_peft_model(m, ap.LoraConfig(), low_cpu_mem_usage=True), "low_cpu"),
         (lambda m, d: ap.inject_adapter_in_model(ap.LoraConfig(), m, state_dict={}), "state_dict"),
-        (lambda m, d: ap.PeftModel.from_pretrained(m, d, config=ap.LoraConfig()), "config"),
         (lambda m, d: ap.PeftModel.from_pretrained(m, d, key_mapping={"a": "b"}), "key_mapping"),
         (lambda m, d: ap.PeftModel.from_pretrained(m, d, ephemeral_gpu_offload=True), "ephemeral"),
         (lambda m, d: ap.PeftModel.from_pretrained(m, d, weird=1), "weird"),
-        (lambda m, d: _peft(m).save_pretrained(d, safe_serialization=False), "safe_serialization"),
         (lambda m, d: _peft(m).save_pretrained(d, save_embedding_layers=True), "save_embedding"),
-        (lambda m, d: _peft(m).merge_adapter(), "merge_adapter"),
     ],
 )
 def test_unsupported_method_arguments_are_refused_by_name(call, argument, tmp_path):

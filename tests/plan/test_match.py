@@ -417,8 +417,8 @@ def test_regex_defaults_ignore_layers_with_a_warning() -> None:
 
 def test_the_spec_names_every_layer_kind() -> None:
     """The spec's `types` vocabulary (spec layer: it cannot import the registry) is the
-    registry's kinds plus the types adaptc names but does not adapt yet."""
-    assert set(kind_names()) | {"nn.MultiheadAttention"} == set(LAYER_TYPES)
+    registry's kinds."""
+    assert set(kind_names()) == set(LAYER_TYPES)
 
 
 @pytest.mark.parametrize(

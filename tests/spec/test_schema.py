@@ -21,6 +21,7 @@ EXPECTED = YAML(typ="safe").load((BAD_SPECS / "expected.yaml").read_text(encodin
 BEYOND_SCHEMA_RULES = {
     "lora-bias-dora",
     "lora-bias-init",
+    "mica-dora",
     "pissa-niter-init",
     "layers-regex",
     "exclude-overlap",

@@ -21,11 +21,28 @@ from torch import nn
 
 from adaptc.methods.base import Branch
 
-__all__ = ["RANK_DIMS", "SCALING_BUFFER", "LoraBranch"]
+__all__ = ["RANK_DIMS", "SCALING_BUFFER", "FrozenFactor", "LoraBranch"]
 
 SCALING_BUFFER = "scaling_tensor"
 # factor parameter -> the dimension that has the rank (padded factors are longer there)
 RANK_DIMS = {"lora_A.weight": 0, "lora_B.weight": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
+
+
+class FrozenFactor(nn.Parameter):
+    """A factor that never trains (MiCA's ``B``; PEFT's ``frozen_peft_weight_names``).
+
+    It is a parameter (counted, saved and loaded like the other factors) whose
+    ``requires_grad`` stays False: ``requires_grad_`` leaves it frozen, so what makes an
+    adapter trainable (``module.requires_grad_(True)``, activating the adapter, loading it
+    trainable) keeps it as PEFT keeps it (PEFT freezes it again after each of those). Set
+    ``requires_grad = True`` on it to train it anyway.
+    """
+
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False) -> FrozenFactor:
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> FrozenFactor:
+        return self
 
 
 class LoraBranch(Branch):

@@ -10,7 +10,8 @@
   computing a different update; a non-zero ``padding_mode`` only gets a warning;
 * ``r`` must be divisible by ``groups``, and layers with ``groups > 1`` cannot be merged;
 * only the ``default``, ``gaussian`` and ``random`` inits exist: PEFT raises "Unknown
-  initialization" for PiSSA/OLoRA on convolutions, so does adaptc;
+  initialization" for PiSSA/OLoRA/orthogonal and has no MiCA variant for convolutions;
+  adaptc refuses them too;
 * the delta weight of a 1×1 ``Conv2d`` is a matrix product, any other kernel the
   convolution of ``Aᵀ`` with ``B`` (kohya's formula).
 """
@@ -95,7 +96,7 @@ def _refuse(module: nn.Module, cfg: BranchConfig) -> None:
     """Raise ValueError for what PEFT refuses, or would compute inconsistently."""
     assert isinstance(module, nn.modules.conv._ConvNd)
     kind = type(module).__name__
-    if cfg.init in ("pissa", "olora"):
+    if cfg.init in ("pissa", "olora", "orthogonal", "mica"):
         raise ValueError(
             f"{cfg.target}: init {cfg.init!r} is not supported for {kind} (PEFT only has "
             "default, gaussian and random init for convolutions)"

@@ -8,11 +8,12 @@ PEFT's ``_embed`` does. As in PEFT:
 
 * no dropout is ever applied (``lora_dropout`` is accepted and ignored, with a warning);
 * ``lora_bias`` is refused;
-* every init except ``random`` gives ``A = 0`` and ``B ~ N(0, 1)``: PEFT's
-  ``reset_lora_parameters`` has no gaussian/PiSSA/OLoRA branch for embeddings, so
-  ``gaussian``, ``pissa`` and ``olora`` behave as ``default`` (with a warning) and the base
-  weight is left alone; ``random`` (PEFT's ``init_lora_weights=False``) keeps both factors
-  ``N(0, 1)``;
+* every init except ``random`` and ``mica`` gives ``A = 0`` and ``B ~ N(0, 1)``: PEFT's
+  ``reset_lora_parameters`` has no gaussian/PiSSA/OLoRA/orthogonal branch for embeddings,
+  so ``gaussian``, ``pissa``, ``olora`` and ``orthogonal`` behave as ``default`` (with a
+  warning) and the base weight is left alone; ``random`` (PEFT's
+  ``init_lora_weights=False``) keeps both factors ``N(0, 1)``; ``mica`` factors ``Wᵀ``
+  (``A = 0``, ``B`` its minor left singular vectors, frozen), after the same draws;
 * a scalar ``embed_scale`` on the base layer (e.g. Gemma 3's scaled embeddings) also scales
   the update, cast first to the base weight's dtype when it is a Python number.
 """
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.branch import FrozenFactor, LoraBranch
+from adaptc.methods.lora.init import freezes_B, init_factors, init_problem
 from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
 
 __all__ = ["EmbeddingBranch", "EmbeddingRule", "embed_scale", "make_embedding_branch"]
@@ -113,7 +115,7 @@ class EmbeddingRule(LoraRule):
     batch_form = "embedding"  # its mixed-batch kernel (adaptc.adapters.mixed)
 
     def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
-        _refuse(cfg)
+        _refuse(module, cfg)
         warnings = []
         fan_in, fan_out = self.features(module)
         if cfg.r > min(fan_in, fan_out):
@@ -121,7 +123,7 @@ class EmbeddingRule(LoraRule):
                 f"{cfg.target}: r={cfg.r} exceeds min(num_embeddings, embedding_dim) = "
                 f"{min(fan_in, fan_out)}; the update cannot use the extra rank"
             )
-        if cfg.init in ("gaussian", "pissa", "olora"):
+        if cfg.init in _DEFAULT_INITS:
             warnings.append(
                 f"{cfg.target}: init {cfg.init!r} does not apply to embeddings; as in PEFT, "
                 "the branch gets the default init (A = 0, B normal) and the base weight is kept"
@@ -139,7 +141,7 @@ class EmbeddingRule(LoraRule):
         return warnings
 
     def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
-        _refuse(cfg)
+        _refuse(module, cfg)
 
     def make_plain_branch(
         self, module: nn.Module, cfg: BranchConfig
@@ -195,11 +197,21 @@ class EmbeddingRule(LoraRule):
         return Merged(weight + self.delta_weight(module, branch).to(weight.dtype))
 
 
-def _refuse(cfg: BranchConfig) -> None:
+# inits PEFT's embeddings do not have: they get the default one
+_DEFAULT_INITS = ("gaussian", "pissa", "olora", "orthogonal")
+
+
+def _refuse(module: nn.Module, cfg: BranchConfig) -> None:
+    assert isinstance(module, nn.Embedding)
     if cfg.lora_bias:
         raise ValueError(
             f"{cfg.target}: lora_bias is not supported for nn.Embedding (PEFT refuses it too)"
         )
+    if cfg.init == "mica":
+        dims = (module.num_embeddings, module.embedding_dim)
+        problem = init_problem(cfg.init, cfg.r, *dims, module.weight.dtype)
+        if problem is not None:
+            raise ValueError(f"{cfg.target}: {problem}")
 
 
 def emit_embed_scale(
@@ -225,11 +237,13 @@ def make_embedding_branch(module: nn.Module, cfg: BranchConfig) -> EmbeddingBran
     else:  # drawn as PEFT draws them (randn on the CPU first): same seed, same weights
         A = torch.randn(shape_A).to(device=device, dtype=dtype)
         B = torch.randn(shape_B).to(device=device, dtype=dtype)
-        if cfg.init != "random":  # PEFT's init_lora_weights=False keeps the randn draws
+        if cfg.init == "mica":  # of Wᵀ: (embedding_dim, num_embeddings)
+            init_factors(A, B, None, init="mica", scaling=cfg.scaling, weight=weight.T)
+        elif cfg.init != "random":  # PEFT's init_lora_weights=False keeps the randn draws
             with torch.no_grad():
                 nn.init.zeros_(A)
                 nn.init.normal_(B)
-    return EmbeddingBranch(
+    branch = EmbeddingBranch(
         A,
         B,
         scaling=cfg.scaling,
@@ -243,3 +257,6 @@ def make_embedding_branch(module: nn.Module, cfg: BranchConfig) -> EmbeddingBran
         scale_grad_by_freq=module.scale_grad_by_freq,
         sparse=module.sparse,
     )
+    if freezes_B(cfg.init):  # MiCA: only A trains
+        branch.lora_embedding_B = FrozenFactor(branch.lora_embedding_B.detach())
+    return branch

@@ -3,7 +3,15 @@
 Factors are given in the "linear" layout: ``A`` is (r, fan_in), ``B`` is (fan_out, r), and
 the base weight ``W`` is (fan_out, fan_in). PiSSA and OLoRA also return the residual base
 weight ``W - s·B·A`` that replaces the base weight in the compiled model (the user's
-original weight is never written).
+original weight is never written). The other inits leave the base weight as it is:
+
+* ``orthogonal`` draws, as PEFT does and in its order, on the CPU generator: ``Q`` from
+  the QR of an (r, r) normal matrix, ``A = (N(fan_in, r/2) · Q[0::2])ᵀ / 10`` and
+  ``B = N(r/2, fan_out)ᵀ · Q[1::2] / 10``; the two halves of ``Q``'s rows are orthogonal,
+  so ``B·A = 0`` (to rounding). Both are rounded to the base weight's dtype, as PEFT does.
+* ``mica`` (Minor Component Adaptation): ``B`` is the ``r`` left singular vectors of ``W``
+  with the smallest singular values (rounded to ``W``'s dtype), ``A = 0``; ``B`` never
+  trains (:func:`freezes_B`), only ``A`` learns.
 """
 
 from __future__ import annotations
@@ -13,7 +21,12 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["init_factors"]
+__all__ = ["freezes_B", "init_factors", "init_problem"]
+
+# inits that take r components of the base weight, so r ≤ min(fan_in, fan_out)
+_FROM_WEIGHT = ("pissa", "olora", "mica")
+# base weight dtypes PEFT initialises MiCA from
+_MICA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
@@ -44,7 +57,20 @@ def init_factors(
         return None
     if weight is None:
         raise ValueError(f"init {init!r} needs the base weight")
+    problem = init_problem(init, r, A.shape[1], B.shape[0], weight.dtype)
+    if problem is not None:
+        raise ValueError(problem)
+    if init == "orthogonal":
+        a, b = _orthogonal(r, A.shape[1], B.shape[0])
+        A.copy_(a.to(weight.dtype))
+        B.copy_(b.to(weight.dtype))
+        return None
     w = weight.detach().to(torch.float32)  # (fan_out, fan_in)
+    if init == "mica":
+        U = torch.linalg.svd(w, full_matrices=False)[0]  # (fan_out, k), by descending S
+        A.zero_()
+        B.copy_(U[:, -r:].to(weight.dtype))
+        return None
     if init == "pissa":
         if pissa_niter is None:
             V, S, Uh = torch.linalg.svd(w, full_matrices=False)
@@ -64,6 +90,35 @@ def init_factors(
     B.copy_(b)
     residual: torch.Tensor = (w - scaling * b @ a).to(weight.dtype)
     return residual
+
+
+def init_problem(init: str, r: int, fan_in: int, fan_out: int, dtype: torch.dtype) -> str | None:
+    """Why PEFT cannot give a rank-``r`` branch on a (fan_out, fan_in) weight of ``dtype``
+    the init ``init``, as a message; None when it can."""
+    if init == "orthogonal" and r % 2:
+        return f"init 'orthogonal' needs an even rank, got r={r}"
+    if init in _FROM_WEIGHT and r > min(fan_in, fan_out):
+        return (
+            f"r={r} is larger than the layer allows for init {init!r} "
+            f"(min(in, out) = {min(fan_in, fan_out)})"
+        )
+    if init == "mica" and dtype not in _MICA_DTYPES:
+        return f"init 'mica' needs a float32, float16 or bfloat16 base weight, not {dtype}"
+    return None
+
+
+def freezes_B(init: str) -> bool:
+    """Whether ``B`` never trains after ``init``: MiCA's does not (PEFT freezes it)."""
+    return init == "mica"
+
+
+def _orthogonal(r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``orthogonal_init`` draws, in its order: ``(A, B)``, (r, fan_in) and (fan_out, r)."""
+    Q, _ = torch.linalg.qr(torch.randn(r, r))
+    q_odd, q_even = Q[0::2, :], Q[1::2, :]  # (r/2, r) each, mutually orthogonal rows
+    a = torch.randn(fan_in, r // 2).mm(q_odd).T / 10.0  # (r, fan_in)
+    b = torch.randn(r // 2, fan_out).T.mm(q_even) / 10.0  # (fan_out, r)
+    return a.contiguous(), b.contiguous()
 
 
 def _linear_default(weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptc.methods.lora.branch import LoraBranch
-from adaptc.methods.lora.init import init_factors
+from adaptc.methods.lora.branch import FrozenFactor, LoraBranch
+from adaptc.methods.lora.init import freezes_B, init_factors
 from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
 
 __all__ = ["LinearRule", "make_linear_branch", "transpose"]
@@ -71,6 +71,8 @@ def make_linear_branch(
         )
         if residual is not None:
             replaced["weight"] = transpose(residual, transposed).contiguous()
+    if freezes_B(cfg.init):  # MiCA: only A trains
+        lora_B.weight = FrozenFactor(lora_B.weight.detach())
     branch = LoraBranch(
         lora_A,
         lora_B,

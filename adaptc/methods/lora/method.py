@@ -16,6 +16,7 @@ from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.conv import ConvRule
 from adaptc.methods.lora.embedding import EmbeddingRule
 from adaptc.methods.lora.linear import LinearRule
+from adaptc.methods.lora.mha import MultiheadAttentionRule
 from adaptc.methods.lora.rule import BranchConfig, LoraRule
 from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.methods.lora.targets import LORA_TARGET_MODULES
@@ -30,6 +31,7 @@ _RULE_TYPES: dict[str, type[LoraRule]] = {
     "nn.Conv1d": ConvRule,
     "nn.Conv2d": ConvRule,
     "nn.Conv3d": ConvRule,
+    "nn.MultiheadAttention": MultiheadAttentionRule,
 }
 
 
@@ -79,6 +81,7 @@ class LoraMethod(Method):
             pissa_niter=spec.pissa_niter,
             lora_bias=spec.lora_bias,
             fan_in_fan_out=kind.transposed(module, spec.fan_in_fan_out),
+            bias=spec.bias,
         )
 
     def check(self, kind: LayerKind, module: nn.Module, settings: Settings) -> list[str]:

@@ -21,6 +21,7 @@ from adaptc.layers import LayerKind
 from adaptc.methods.base import Settings
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.emit import emit_linear_branch
+from adaptc.methods.lora.init import init_problem
 from adaptc.methods.lora.variants import variant_for, variant_of
 
 __all__ = ["BranchConfig", "LoraRule", "Merged", "adapter_dtype"]
@@ -42,6 +43,7 @@ class BranchConfig(Settings):
     pissa_niter: int | None = None
     lora_bias: bool = False
     fan_in_fan_out: bool = False
+    bias: str = "none"  # the adapter's bias mode: none, all, lora_only
 
 
 @dataclass(frozen=True)
@@ -83,17 +85,23 @@ class LoraRule(ABC):
             return variant_for(cfg.variant, self.kind, cfg.target).make_branch(self, module, cfg)
         return self.make_plain_branch(module, cfg)
 
-    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:  # noqa: B027 (a hook)
-        """Raise ValueError for what PEFT refuses, or would compute inconsistently."""
+    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
+        """Raise ValueError for what PEFT refuses, or would compute inconsistently (here:
+        an init the layer's rank or dtype does not allow; rules refuse more)."""
+        self.refuse_init(module, cfg)
+
+    def refuse_init(self, module: nn.Module, cfg: BranchConfig) -> None:
+        """Raise ValueError when PEFT cannot give the layer the init ``cfg.init``."""
+        fan_in, fan_out = self.features(module)
+        dtype = self.kind.weight(module).dtype if cfg.init == "mica" else torch.float32
+        problem = init_problem(cfg.init, cfg.r, fan_in, fan_out, dtype)
+        if problem is not None:
+            raise ValueError(f"{cfg.target}: {problem}")
 
     def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
         """Raise ValueError when the branch cannot be built; return warnings otherwise."""
+        self.refuse_init(module, cfg)
         fan_in, fan_out = self.features(module)
-        if cfg.init in ("pissa", "olora") and cfg.r > min(fan_in, fan_out):
-            raise ValueError(
-                f"{cfg.target}: r={cfg.r} is larger than the layer allows for init "
-                f"{cfg.init!r} (min(in, out) = {min(fan_in, fan_out)})"
-            )
         warnings = []
         if cfg.r > min(fan_in, fan_out):
             warnings.append(

@@ -1,6 +1,6 @@
 """LoRA in the spec: the adapter's settings and PEFT's ``LoraConfig`` both ways.
 
-``init_lora_weights`` True/False/``pissa_niter_N`` becomes ``init`` (+ ``pissa_niter``);
+``init_lora_weights`` True/False/a name/``pissa_niter_N`` becomes ``init`` (+ ``pissa_niter``);
 options adaptc does not implement are refused by name instead of being dropped.
 """
 
@@ -74,11 +74,14 @@ class LoraAdapter(BaseModel):
         default=False,
         description="DoRA: decompose the update into magnitude and direction (learned magnitude).",
     )
-    init: Literal["default", "gaussian", "pissa", "olora", "random"] = Field(
+    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal", "mica", "random"] = Field(
         default="default",
         description="Initialisation: `default` (Kaiming-uniform A, zero B: starts as a no-op), "
         "`gaussian` (normal A with std 1/r, zero B), `pissa` and `olora` (from the base weight, "
-        "which they modify), `random` (both random; for tests). PEFT `init_lora_weights`.",
+        "which they modify), `orthogonal` (random A and B with orthogonal rows, so B·A = 0; even "
+        "`r`; not for convolutions), `mica` (B from the base weight's r minor left singular "
+        "vectors and frozen, A zero: only A trains; linear layers and embeddings), `random` "
+        "(both random; for tests). PEFT `init_lora_weights`.",
     )
     pissa_niter: Annotated[StrictInt, Field(ge=0)] | None = Field(
         default=None,
@@ -104,6 +107,8 @@ class LoraAdapter(BaseModel):
             raise FieldError(
                 ("lora_bias",), f"lora_bias needs init 'default' or 'random', not {self.init!r}"
             )
+        if self.init == "mica" and self.use_dora:
+            raise FieldError(("init",), "init 'mica' cannot be combined with use_dora")
         if self.pissa_niter is not None and self.init != "pissa":
             raise FieldError(("pissa_niter",), f"pissa_niter needs init 'pissa', not {self.init!r}")
         check_selection(self.targets, self.exclude, self.layers, self.modules_to_save)
@@ -211,7 +216,7 @@ def _init(value: Any, adapter: dict[str, Any], bad: Bad) -> None:
         return
     if value is False:
         adapter["init"] = "random"
-    elif value in ("gaussian", "pissa", "olora"):
+    elif value in ("gaussian", "pissa", "olora", "orthogonal", "mica"):
         adapter["init"] = value
     elif isinstance(value, str) and _PISSA_NITER.fullmatch(value):
         adapter["init"] = "pissa"
