@@ -5,6 +5,7 @@ They work on the state :func:`adaptc.compiler.compiled` returns and rebuild grap
 :func:`adaptc.compiler.rebuild`; they never read files (``adaptc.io`` does).
 """
 
+from adaptc.adapters.alora import activated, alora_adapters, invocation_offsets
 from adaptc.adapters.combine import COMBINATION_TYPES, combine_adapters
 from adaptc.adapters.hotswap import HotswapError, hotswap_tensors, is_prepared, prepare_hotswap
 from adaptc.adapters.keys import AdapterKeyError, adapter_state_dict, adapter_tensors
@@ -17,16 +18,19 @@ __all__ = [
     "AdapterKeyError",
     "HotswapError",
     "MixedBatchError",
+    "activated",
     "active_adapters",
     "adapter_ids",
     "adapter_names",
     "adapter_state_dict",
     "adapter_tensors",
     "add_adapter",
+    "alora_adapters",
     "combine_adapters",
     "delete_adapter",
     "disabled",
     "hotswap_tensors",
+    "invocation_offsets",
     "is_prepared",
     "mixed_batch",
     "prepare_hotswap",

@@ -108,6 +108,7 @@ SUPPORTED_ARGUMENTS = frozenset(
         "alpha_pattern",
         "use_dora",
         "lora_bias",
+        "alora_invocation_tokens",
     }
 )
 

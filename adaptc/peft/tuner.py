@@ -148,8 +148,6 @@ class LoraModel(nn.Module):
         return new
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if "adapter_names" not in kwargs:
-            return self.model(*args, **kwargs)
         with special_forward(self.model, kwargs, first_input(args, kwargs)):
             return self.model(*args, **kwargs)
 

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind, find_kind, kinds
 from adaptc.methods.base import Branch, Method, Settings
-from adaptc.methods.lora import dora  # noqa: F401  (registers the DoRA variant)
+from adaptc.methods.lora import alora, dora  # their variants register on import
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.conv import ConvRule
 from adaptc.methods.lora.embedding import EmbeddingRule
@@ -76,7 +76,7 @@ class LoraMethod(Method):
             lora_alpha=alpha,
             scaling=alpha / math.sqrt(r) if spec.use_rslora else alpha / r,
             lora_dropout=spec.lora_dropout,
-            variant="dora" if spec.use_dora else None,
+            variant=_variant(spec),
             init=spec.init,
             pissa_niter=spec.pissa_niter,
             lora_bias=spec.lora_bias,
@@ -153,3 +153,12 @@ def rule_for(module: nn.Module) -> LoraRule | None:
     """LoRA's rule for ``module``'s layer kind, or None."""
     kind = find_kind(module)
     return None if kind is None else METHOD.rules.get(kind.name)
+
+
+def _variant(spec: LoraAdapter) -> str | None:
+    """The registered variant the adapter's settings ask for (None: plain LoRA)."""
+    if spec.use_dora:
+        return dora.NAME
+    if spec.alora_invocation_tokens is not None:
+        return alora.NAME
+    return None

@@ -98,6 +98,15 @@ class LoraAdapter(BaseModel):
     )
     fan_in_fan_out: FanInFanOutField = False
     modules_to_save: ModulesToSaveField = ()
+    alora_invocation_tokens: (
+        Annotated[tuple[Annotated[StrictInt, Field(ge=0)], ...], Field(min_length=1)] | None
+    ) = Field(
+        default=None,
+        description="Activated LoRA (aLoRA): the token ids of the invocation sequence. In each "
+        "input the adapter applies from the sequence's last occurrence on (and to the tokens "
+        "generated after it); before it the model is the base model, so its cache can be "
+        "reused. Linear layers only; cannot be merged. PEFT `alora_invocation_tokens`.",
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> LoraAdapter:
@@ -109,6 +118,12 @@ class LoraAdapter(BaseModel):
             )
         if self.init == "mica" and self.use_dora:
             raise FieldError(("init",), "init 'mica' cannot be combined with use_dora")
+        if self.alora_invocation_tokens is not None and (self.use_dora or self.init == "mica"):
+            other = "use_dora" if self.use_dora else "init 'mica'"
+            raise FieldError(
+                ("alora_invocation_tokens",),
+                f"alora_invocation_tokens cannot be combined with {other}",
+            )
         if self.pissa_niter is not None and self.init != "pissa":
             raise FieldError(("pissa_niter",), f"pissa_niter needs init 'pissa', not {self.init!r}")
         check_selection(self.targets, self.exclude, self.layers, self.modules_to_save)
@@ -190,6 +205,8 @@ def to_peft(a: LoraAdapter, target_modules: list[str] | None) -> dict[str, Any]:
     cfg["init_lora_weights"] = {"default": True, "random": False}.get(a.init, a.init)
     if a.pissa_niter is not None:
         cfg["init_lora_weights"] = f"pissa_niter_{a.pissa_niter}"
+    if a.alora_invocation_tokens is not None:
+        cfg["alora_invocation_tokens"] = list(a.alora_invocation_tokens)
     return cfg
 
 
@@ -204,6 +221,9 @@ def from_peft(cfg: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
             adapter[key] = {} if value is None and key.endswith("pattern") else value
         elif key == "init_lora_weights":
             _init(value, adapter, bad)
+        elif key == "alora_invocation_tokens":
+            if value is not None:
+                adapter[key] = value
         elif value not in (None, False, {}, [], "") and value != _PEFT_DEFAULTS.get(key):
             bad(key, f"{key!r} is not supported by adaptc")
     if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
