@@ -5,7 +5,8 @@ shard and writes it sharded like the input, with the config, tokenizer and other
 copied, and with everything the adapter trained in it:
 
 - each adapted weight becomes ``W + s·ΔW`` (DoRA, PiSSA/OLoRA residuals and ``lora_bias``
-  included, through the same layer rules as :func:`adaptc.merge`);
+  included, through the same layer rules as :func:`adaptc.merge`; both weights of an
+  ``nn.MultiheadAttention``: ``in_proj_weight`` and ``out_proj.weight``);
 - ``modules_to_save`` copies (a classifier head) and biases trained by ``bias: all`` or
   ``lora_only`` replace the checkpoint's tensors.
 

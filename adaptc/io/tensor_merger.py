@@ -4,9 +4,12 @@
 device, where its keys fit (the model itself, or its base model: peft's
 ``base_model.model.`` prefix rules), and derives one operation per checkpoint tensor it
 changes: ``W + s·ΔW`` for an adapted weight (or a ``lora_bias``), the adapter's own tensor
-for a ``modules_to_save`` copy or a trained bias. It checks everything against the
+for a ``modules_to_save`` copy or a trained bias. A layer's adapted weights are the ones
+its kind writes back in a merge: ``weight`` for most, ``in_proj_weight`` and
+``out_proj.weight`` for ``nn.MultiheadAttention``. It checks everything against the
 checkpoint's safetensors headers before anything is written, then computes each new
-tensor on its own (one layer's weight in memory at a time).
+tensor on its own (one weight in memory at a time: the layer's other weights are zeros,
+which an additive update row by row does not read).
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class _Merge:
-    """``W + s·ΔW`` for the ``attr`` of the target at ``path``; ``base`` is the adapter key
-    of a trained bias that replaces the checkpoint's before the LoRA bias is added."""
+    """``W + s·ΔW`` for the ``attr`` (a dotted name: ``weight``, ``out_proj.weight``) of the
+    target at ``path``; ``base`` is the adapter key of a trained bias that replaces the
+    checkpoint's before the LoRA bias is added."""
 
     path: str
     attr: str
@@ -113,7 +117,8 @@ class TensorMerger:
         lora = {f"{PREFIX}{b.target}.{n}" for b in self.branches.values() for n, _ in
                 b.file_tensors()}  # fmt: skip
         for path, branch in self.branches.items():
-            self.ops[f"{root}{path}.weight"] = _Merge(path, "weight")
+            for attr in _merged_weights(self.layers[path]):
+                self.ops[f"{root}{path}.{attr}"] = _Merge(path, attr)
             if branch.lora_bias:
                 self.ops[f"{root}{path}.bias"] = _Merge(path, "bias")
         for key in tensors:
@@ -234,8 +239,7 @@ class TensorMerger:
         layer = self._twin(op.path, op.attr, base)
         merged = merged_layer(layer, [self.adapter], safe=True)
         self.merged += 1
-        out = getattr(merged, op.attr)
-        assert isinstance(out, torch.Tensor)
+        out = merged.get_parameter(op.attr)
         return out.detach().to(tensor.dtype).contiguous()
 
     def _model_key(self, key: str) -> str:
@@ -248,18 +252,9 @@ class TensorMerger:
         return stripped if stripped in self.model_keys else key
 
     def _twin(self, path: str, attr: str, tensor: torch.Tensor) -> nn.Module:
-        """A real copy of the target layer holding ``tensor``, with the adapter's branch."""
-        leaf = self.layers[path]
-        twin = copy.copy(leaf)
-        twin._modules = {}
-        twin._parameters = {
-            k: nn.Parameter(
-                torch.zeros(p.shape, dtype=p.dtype) if k != attr else tensor, requires_grad=False
-            )
-            if p is not None
-            else None
-            for k, p in leaf._parameters.items()
-        }
+        """A real copy of the target layer holding ``tensor`` as ``attr`` (its other
+        parameters zeros), with the adapter's branch."""
+        twin = _real_copy(self.layers[path], attr, tensor)
         target = self.targets[path]
         entry = method(target.method)
         if attr == "weight" and getattr(target.settings, "init", None) in ("pissa", "olora"):
@@ -268,13 +263,62 @@ class TensorMerger:
             twin._parameters["weight"] = nn.Parameter(replaced["weight"], requires_grad=False)
         branch = copy.deepcopy(self.branches[path]).to_empty(device="cpu")
         with torch.no_grad():
-            for name, param in branch.named_parameters():
-                param.copy_(self.tensors[f"{PREFIX}{path}.{name}"].to(param.dtype))
+            for param in branch.parameters():
+                param.zero_()
+            for name, value in branch.file_tensors():  # the file's names (MHA: base_layer.…)
+                value.copy_(self.tensors[f"{PREFIX}{path}.{name}"].to(value.dtype))
         twin.add_module(entry.child_name(self.adapter), branch)
         return twin
 
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def _base_parameters(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """``layer``'s own parameters by dotted name, its adapter branches left out."""
+    return {
+        name: p
+        for name, p in layer.named_parameters()
+        if not isinstance(layer._modules.get(name.partition(".")[0]), Branch)
+    }
+
+
+def _merged_weights(layer: nn.Module) -> list[str]:
+    """The parameters of a target ``layer`` (on the meta device) that a merge replaces: those
+    its kind writes anew when it writes the merged weight back (its bias only with a
+    ``lora_bias``, handled apart)."""
+    kind = kind_of(layer)
+    new = kind.with_weights(layer, kind.weight(layer), None)
+    own = _base_parameters(layer)
+    return [name for name, p in _base_parameters(new).items() if p is not own.get(name)]
+
+
+def _zeros_dtype(param: torch.Tensor, tensor: torch.Tensor) -> torch.dtype:
+    """The checkpoint's float dtype (a layer reading two weights as one keeps it)."""
+    return tensor.dtype if param.dtype.is_floating_point else param.dtype
+
+
+def _real_copy(module: nn.Module, attr: str, tensor: torch.Tensor) -> nn.Module:
+    """A copy of ``module`` (of the meta model) on the CPU: ``tensor`` as its parameter
+    ``attr`` (a dotted name), every other parameter zeros (floats in ``tensor``'s dtype);
+    children copied the same way, adapter branches left out."""
+    head, _, rest = attr.partition(".")
+    twin = copy.copy(module)
+    twin._parameters = {
+        k: None
+        if p is None
+        else nn.Parameter(
+            tensor if k == attr else torch.zeros(p.shape, dtype=_zeros_dtype(p, tensor)),
+            requires_grad=False,
+        )
+        for k, p in module._parameters.items()
+    }
+    twin._modules = {
+        k: _real_copy(m, rest if k == head else "", tensor)
+        for k, m in module._modules.items()
+        if m is not None and not isinstance(m, Branch)
+    }
+    return twin
 
 
 def _roots(meta: nn.Module) -> Iterator[tuple[nn.Module, str, str | None]]:

@@ -200,11 +200,17 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
             numel = sum(p.numel() for p in model.get_submodule(path).parameters())
             saved.append((name, path, numel))
         if getattr(adapter, "bias", "none") == "all":
-            bias_paths.update(n for n, _ in model.named_parameters() if "bias" in n)
+            bias_paths.update(n for n, _ in model.named_parameters() if _is_bias(n))
     named = dict(model.named_parameters())
     biases = tuple((p, named[p].numel()) for p in sorted(bias_paths) if p in named)
     base = sum(p.numel() for p in model.parameters())
     return Plan(tuple(targets), tuple(saved), biases, base, tuple(dict.fromkeys(warnings)))
+
+
+def _is_bias(name: str) -> bool:
+    """PEFT's ``bias: all`` rule: a parameter named ``bias``, not one whose name holds the
+    word (``in_proj_bias``, ``bias_k``, a custom ``scale_bias`` stay frozen)."""
+    return name == "bias" or name.endswith(".bias")
 
 
 def _supports(entry: Method, module: nn.Module) -> bool:

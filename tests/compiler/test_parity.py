@@ -12,6 +12,8 @@ import copy
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 import adaptc
 from adaptc.methods.lora.branch import LoraBranch
@@ -132,6 +134,51 @@ def test_parameter_counts_match_peft(bias):
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
     compiled = adaptc.compile(model, spec)
     assert adaptc.trainable_parameters(compiled) == tuple(peft_model.get_nb_trainable_parameters())
+
+
+class BiasNames(nn.Module):
+    """Parameters whose names hold "bias" without being one: MHA's ``in_proj_bias`` and
+    ``bias_k``/``bias_v``, a custom ``scale_bias``; and true ``.bias`` parameters."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True, add_bias_kv=True)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+        self.scale_bias = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(self.proj(self.norm(x))) * self.scale_bias
+
+
+@pytest.mark.parametrize(
+    "bias,expected",
+    [
+        ("all", {"attn.out_proj.bias", "head.bias", "norm.bias", "proj.bias"}),
+        ("lora_only", {"proj.bias"}),
+    ],
+)
+def test_trainable_biases_are_the_ones_peft_trains(bias, expected, tmp_path):
+    """PEFT trains parameters named ``bias`` (``bias: all``) or the targets' biases
+    (``lora_only``); ``in_proj_bias``, ``bias_k`` and ``scale_bias`` stay frozen."""
+    model = BiasNames()
+    spec = adaptc.load_spec(_spec({"kind": "names", "names": ["proj"]}, {"bias": bias}))
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
+    compiled = adaptc.compile(model, spec)
+
+    def base_names(m: nn.Module) -> set[str]:
+        names = (n for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n)
+        return {n.removeprefix("base_model.model.").replace(".base_layer.", ".") for n in names}
+
+    assert base_names(peft_model) == base_names(compiled) == expected
+    assert {n for n, _ in adaptc.build_plan(model, spec).trainable_biases} == expected
+    assert adaptc.trainable_parameters(compiled) == tuple(peft_model.get_nb_trainable_parameters())
+    adaptc.save_adapter(compiled, tmp_path / "ours")
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    files = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs")]
+    assert set(files[0]) == set(files[1])
 
 
 def test_seed_custom_dummy_model_matches_peft():

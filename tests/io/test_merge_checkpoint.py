@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 import adaptc
 from adaptc.io.merge_checkpoint import merge_checkpoint
@@ -135,3 +138,77 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch):
         )
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+class Attention(nn.Module):
+    """An ``nn.MultiheadAttention`` (a target with two weights) and a linear head."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def _save_two_shards(model: nn.Module, directory: Path) -> None:
+    """The state dict in two shards, ``in_proj_weight`` and ``out_proj.weight`` apart."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    directory.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {k: names[k.startswith(("attn.out_proj.", "head."))] for k in state}
+    for name in names:
+        save_file({k: v for k, v in state.items() if weight_map[k] == name}, directory / name)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("writer", ["peft", "adaptc"])
+def test_a_multihead_attention_target_merges_as_adaptc_merge_does(tmp_path, writer, dtype):
+    """Both of the layer's weights change (PEFT's keys: ``attn.lora_A.weight`` for the
+    fused input projection, ``attn.base_layer.out_proj.lora_A.weight`` for ``out_proj``),
+    each from its own shard, to exactly what ``adaptc.merge`` gives (PEFT's
+    ``merge_and_unload`` in float32, its twice-counted ``out_proj`` update included), also
+    for a bfloat16 checkpoint whose meta model is float32."""
+    torch.manual_seed(0)
+    model = Attention().eval().to(dtype)
+    _save_two_shards(model, tmp_path / "base")
+    config = peft.LoraConfig(
+        target_modules=["attn", "head"], r=2, lora_alpha=4, init_lora_weights=False
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = adaptc.load_adapter(model, tmp_path / "peft")
+    adapter_dir = tmp_path / "peft"
+    if writer == "adaptc":
+        adapter_dir = tmp_path / "adaptc"
+        adaptc.save_adapter(ours, adapter_dir)
+    assert "base_model.model.attn.base_layer.out_proj.lora_A.weight" in load_file(
+        adapter_dir / "adapter_model.safetensors"
+    )
+
+    report = merge_checkpoint(
+        tmp_path / "base", adapter_dir, tmp_path / "out", build_meta_model=lambda _: _meta()
+    )
+
+    assert report.merged == 3  # in_proj_weight, out_proj.weight, head.weight
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted((tmp_path / "out").glob("*.safetensors")):
+        got.update(load_file(shard))
+    expected = adaptc.merge(ours).state_dict()
+    peft_merged = theirs.merge_and_unload().state_dict()
+    before = model.state_dict()
+    assert set(got) == set(before)
+    for key, tensor in got.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, expected[key]), key
+        if dtype == torch.float32:  # peft's in-place bfloat16 merge rounds otherwise
+            torch.testing.assert_close(tensor, peft_merged[key], rtol=1e-6, atol=1e-6, msg=key)
+        changed = key in ("attn.in_proj_weight", "attn.out_proj.weight", "head.weight")
+        assert torch.equal(tensor, before[key]) != changed, key
+
+
+def _meta() -> nn.Module:
+    with torch.device("meta"):
+        return Attention()
