@@ -25,6 +25,7 @@ from adaptc.counting import print_trainable_parameters, trainable_parameters
 from adaptc.io import push_adapter, resolve_adapter_dir, save_adapter, write_model_card
 from adaptc.io.load import AdapterLoadError, IncompatibleKeys, add_loaded, load_weights, read_spec
 from adaptc.peft.config import LoraConfig
+from adaptc.peft.convert import as_plain_lora
 from adaptc.peft.forward import SPECIAL_FORWARD_ARGS, first_input, special_forward
 from adaptc.peft.status import (
     TunerLayerStatus,
@@ -298,13 +299,12 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """PEFT's adapter directory (``adaptc.save_adapter``), plus ``adaptc_spec.yaml``;
-        ``safe_serialization=False`` writes PEFT's ``adapter_model.bin``."""
+        ``safe_serialization=False`` writes PEFT's ``adapter_model.bin``. With
+        ``path_initial_model_for_weight_conversion`` (the adapter saved before training),
+        PiSSA/OLoRA adapters are saved as plain LoRA adapters of twice the rank for the
+        unchanged base model (:mod:`adaptc.peft.convert`)."""
         if save_embedding_layers != "auto":
             raise unsupported("save_embedding_layers", save_embedding_layers)
-        if path_initial_model_for_weight_conversion is not None:
-            raise unsupported(
-                "path_initial_model_for_weight_conversion", path_initial_model_for_weight_conversion
-            )
         if kwargs:
             raise unsupported(sorted(kwargs)[0], kwargs[sorted(kwargs)[0]])
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -315,10 +315,11 @@ class PeftModel(nn.Module):
             )
         if not is_main_process:
             return
-        save_adapter(
-            self.get_base_model(), save_directory, adapters=names,
-            safe_serialization=safe_serialization,
-        )  # fmt: skip
+        model = self.get_base_model()
+        if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA → plain LoRA
+            original = self.base_model.__dict__["_original"]
+            model = as_plain_lora(model, original, names, path_initial_model_for_weight_conversion)
+        save_adapter(model, save_directory, adapters=names, safe_serialization=safe_serialization)
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike[str]) -> None:
         """Write (or update) the ``README.md`` model card in ``output_dir``, as PEFT's."""

@@ -479,3 +479,69 @@ def test_auto_peft_model_with_a_device_map(tmp_path, device_map):
               device_map=device_map) for lib in LIBS]  # fmt: skip
     assert type(loaded[1]).__name__ == type(loaded[0]).__name__ == "PeftModelForCausalLM"
     torch.testing.assert_close(out(loaded[1]), out(loaded[0]), **TOL)
+
+
+class _EveryKind(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.fc = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_the_same_seed_gives_peft_s_adapter_weights(dtype, init):
+    """On a half-precision base too: PEFT's factors are its base dtype's values (built in
+    float32, moved to the base dtype, back to float32), and so are adaptc's."""
+    base = _EveryKind().to(dtype)
+    config = {"r": 4, "target_modules": ["emb", "conv", "fc", "attn"], "init_lora_weights": init}
+    state = []
+    for lib, model in ((peft, copy.deepcopy(base)), (ap, base)):
+        torch.manual_seed(0)
+        state.append(
+            lib.get_peft_model_state_dict(lib.get_peft_model(model, lib.LoraConfig(**config)))
+        )
+    assert state[0].keys() == state[1].keys()
+    for key in state[0]:
+        assert state[1][key].dtype == state[0][key].dtype, key
+        torch.testing.assert_close(state[1][key], state[0][key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_save_pretrained_converts_pissa_to_plain_lora(base, tmp_path, init):
+    """PEFT's idiom: save the adapter before training (init as True), train, then save it
+    converted against that initial state; the result is a plain LoRA of twice the rank
+    that reproduces the trained model on the unchanged base."""
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "fc1"],
+              "init_lora_weights": init}  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "initial")
+    model.peft_config["default"].init_lora_weights = init
+    train(model)
+    model.save_pretrained(tmp_path / "trained")
+    theirs, mine = both(base, tmp_path / "trained")
+    trained = out(theirs)
+    torch.testing.assert_close(out(mine), trained, **TOL)
+    for name, m in (("theirs", theirs), ("mine", mine)):
+        m.save_pretrained(
+            tmp_path / name, path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+        )
+    configs = [
+        json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("theirs", "mine")
+    ]
+    for key in ("r", "lora_alpha", "init_lora_weights"):
+        assert configs[1][key] == configs[0][key], key
+    assert configs[1]["r"] == 8 and configs[1]["init_lora_weights"] is True
+    files = [peft.load_peft_weights(str(tmp_path / n)) for n in ("theirs", "mine")]
+    assert files[0].keys() == files[1].keys()
+    for key in files[0]:
+        torch.testing.assert_close(files[1][key], files[0][key], rtol=1e-5, atol=1e-6)
+    for lib in LIBS:  # a plain LoRA on the unchanged base gives the trained outputs
+        plain = lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mine")
+        torch.testing.assert_close(out(plain), trained, rtol=1e-4, atol=1e-5)

@@ -27,7 +27,13 @@ from torch import nn
 from adaptc.layers import ConvKind
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.init import init_factors
-from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
+from adaptc.methods.lora.rule import (
+    BranchConfig,
+    LoraRule,
+    Merged,
+    adapter_dtype,
+    round_as_peft,
+)
 
 __all__ = ["CONV_FN", "ConvRule", "make_conv_branch"]
 
@@ -160,6 +166,7 @@ def make_conv_branch(module: nn.Module, cfg: BranchConfig) -> LoraBranch:
         assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)
         assert B_bias is None or isinstance(B_bias, torch.Tensor)
         init_factors(A, B, B_bias, init=cfg.init, scaling=cfg.scaling)
+    round_as_peft(weight.dtype, lora_A.weight, lora_B.weight, lora_B.bias)  # type: ignore[arg-type]
     return LoraBranch(
         lora_A,
         lora_B,

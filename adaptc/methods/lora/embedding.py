@@ -28,7 +28,13 @@ from torch import fx, nn
 
 from adaptc.methods.lora.branch import FrozenFactor, LoraBranch
 from adaptc.methods.lora.init import freezes_B, init_factors, init_problem
-from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
+from adaptc.methods.lora.rule import (
+    BranchConfig,
+    LoraRule,
+    Merged,
+    adapter_dtype,
+    round_as_peft,
+)
 
 __all__ = ["EmbeddingBranch", "EmbeddingRule", "embed_scale", "make_embedding_branch"]
 
@@ -243,6 +249,7 @@ def make_embedding_branch(module: nn.Module, cfg: BranchConfig) -> EmbeddingBran
             with torch.no_grad():
                 nn.init.zeros_(A)
                 nn.init.normal_(B)
+        round_as_peft(weight.dtype, A, B)
     branch = EmbeddingBranch(
         A,
         B,

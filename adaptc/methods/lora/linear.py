@@ -7,7 +7,13 @@ from torch import nn
 
 from adaptc.methods.lora.branch import FrozenFactor, LoraBranch
 from adaptc.methods.lora.init import freezes_B, init_factors
-from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
+from adaptc.methods.lora.rule import (
+    BranchConfig,
+    LoraRule,
+    Merged,
+    adapter_dtype,
+    round_as_peft,
+)
 
 __all__ = ["LinearRule", "make_linear_branch", "transpose"]
 
@@ -71,6 +77,7 @@ def make_linear_branch(
         )
         if residual is not None:
             replaced["weight"] = transpose(residual, transposed).contiguous()
+    round_as_peft(weight.dtype, lora_A.weight, lora_B.weight, lora_B.bias)
     if freezes_B(cfg.init):  # MiCA: only A trains
         lora_B.weight = FrozenFactor(lora_B.weight.detach())
     branch = LoraBranch(

@@ -43,7 +43,13 @@ from torch.func import functional_call
 
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.init import init_factors
-from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype
+from adaptc.methods.lora.rule import (
+    BranchConfig,
+    LoraRule,
+    Merged,
+    adapter_dtype,
+    round_as_peft,
+)
 from adaptc.methods.lora.variants import variant_title
 
 __all__ = ["MultiheadAttentionBranch", "MultiheadAttentionRule", "adapted_attention"]
@@ -200,6 +206,7 @@ class MultiheadAttentionRule(LoraRule):
             _factor_pair(E, E, cfg, kw, draws)
         in_proj = _factor_pair(E, 3 * E, cfg, kw, draws)
         out_proj = _factor_pair(E, E, cfg, kw, draws)
+        round_as_peft(weight.dtype, *(f.weight for f in (*in_proj, *out_proj)))
         return MultiheadAttentionBranch(in_proj, out_proj, cfg), {}
 
     def emit_plain(

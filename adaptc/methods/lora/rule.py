@@ -24,7 +24,7 @@ from adaptc.methods.lora.emit import emit_linear_branch
 from adaptc.methods.lora.init import init_problem
 from adaptc.methods.lora.variants import variant_for, variant_of
 
-__all__ = ["BranchConfig", "LoraRule", "Merged", "adapter_dtype"]
+__all__ = ["BranchConfig", "LoraRule", "Merged", "adapter_dtype", "round_as_peft"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,20 @@ class LoraRule(ABC):
             assert isinstance(lora_b_bias, torch.Tensor)
             new_bias = bias + (lora_b_bias * branch.scaling).to(bias.dtype)
         return Merged(new_weight, new_bias)
+
+
+@torch.no_grad()
+def round_as_peft(base_dtype: torch.dtype, *factors: torch.Tensor | None) -> None:
+    """Round freshly initialised factors to a half-precision base's dtype, in place.
+
+    PEFT initialises adapter weights in float32, moves them to the base layer's dtype and
+    then (``autocast_adapter_dtype``) back to float32, so on a float16/bfloat16 base their
+    values are that dtype's: rounding the same draws gives PEFT's factors for a seed."""
+    if base_dtype not in (torch.float16, torch.bfloat16):
+        return
+    for t in factors:
+        if t is not None and t.dtype != base_dtype and t.device.type != "meta":
+            t.copy_(t.to(base_dtype))
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
