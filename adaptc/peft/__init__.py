@@ -39,6 +39,7 @@ from adaptc.peft.mapping import (
     inject_adapter_in_model,
 )
 from adaptc.peft.model import PeftModel
+from adaptc.peft.precision import cast_mixed_precision_params, prepare_model_for_kbit_training
 from adaptc.peft.state import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -99,6 +100,7 @@ __all__ = [
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "cast_mixed_precision_params",
     "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
@@ -107,6 +109,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "prepare_model_for_kbit_training",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     *sorted(set(_CONFIGS) - {"LoraConfig"}),

@@ -8,6 +8,7 @@ with peft, and loaded by each library onto its own copy of the base model.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -545,3 +546,31 @@ def test_save_pretrained_converts_pissa_to_plain_lora(base, tmp_path, init):
     for lib in LIBS:  # a plain LoRA on the unchanged base gives the trained outputs
         plain = lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mine")
         torch.testing.assert_close(out(plain), trained, rtol=1e-4, atol=1e-5)
+
+
+def _dtypes_and_grads(model: nn.Module) -> dict[str, tuple[torch.dtype, bool]]:
+    return {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_prepare_model_for_kbit_training(quantized):
+    models = [tiny_hf(FAMILY).to(torch.bfloat16) for _ in LIBS]
+    for lib, model in zip(LIBS, models, strict=True):
+        if quantized:  # what a quantizer sets; the gradient-checkpointing branch runs
+            model.is_loaded_in_4bit = True
+        assert lib.prepare_model_for_kbit_training(model) is model
+    assert _dtypes_and_grads(models[1]) == _dtypes_and_grads(models[0])
+    assert {d for d, _ in _dtypes_and_grads(models[1]).values()} == {torch.float32}
+    assert models[1].is_gradient_checkpointing == models[0].is_gradient_checkpointing == quantized
+
+
+def test_cast_mixed_precision_params(base, tmp_path):
+    theirs, mine = both(base, saved(tmp_path), is_trainable=True)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    for lib, model in ((peft, theirs), (ap, mine)):
+        lib.cast_mixed_precision_params(model, torch.bfloat16)
+    counts = [collections.Counter(_dtypes_and_grads(m).values()) for m in (theirs, mine)]
+    assert counts[1] == counts[0]
+    torch.testing.assert_close(out(mine), out(theirs), rtol=1e-2, atol=1e-2)
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())  # untouched
+    assert {p.dtype for p in base.parameters()} == {torch.float32}
