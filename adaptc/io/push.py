@@ -31,7 +31,7 @@ from adaptc.io.save import save_adapter
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, HfApi
 
-__all__ = ["push_adapter"]
+__all__ = ["push_adapter", "push_files"]
 
 
 def push_adapter(
@@ -68,9 +68,7 @@ def push_adapter(
         folder = save_adapter(model, Path(tmp) / "adapter", adapters=adapters)  # local first
         api = HfApi()
         try:
-            repo = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-            if revision is not None and not revision.startswith("refs/pr/"):
-                api.create_branch(repo, branch=revision, token=token, exist_ok=True)
+            repo = _open_repo(api, repo_id, private, token, revision)
             remote = _remote_card(api, repo, revision, token, Path(tmp) / "cache")
         except Exception as exc:  # huggingface_hub and httpx raise many kinds; one line each
             raise HubError(_push_error(exc, repo_id, revision, token)) from None
@@ -96,6 +94,44 @@ def push_adapter(
             raise HubError(_push_error(exc, repo_id, revision, token)) from None
 
 
+def push_files(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload files",
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    what: str = "the files",
+) -> CommitInfo:
+    """Upload the files of ``folder`` to ``repo_id`` (created when missing) as
+    :func:`push_adapter` does, with its one-line errors (``what`` names the upload)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo = _open_repo(api, repo_id, private, token, revision)
+        return api.upload_folder(
+            repo_id=repo, folder_path=folder, commit_message=commit_message,
+            commit_description=commit_description, token=token, revision=revision,
+            create_pr=create_pr,
+        )  # fmt: skip
+    except Exception as exc:  # huggingface_hub and httpx raise many kinds; one line each
+        raise HubError(_push_error(exc, repo_id, revision, token, what)) from None
+
+
+def _open_repo(
+    api: HfApi, repo_id: str, private: bool | None, token: str | bool | None, revision: str | None
+) -> str:
+    """Create the repository (and the branch ``revision``) when missing; its full id."""
+    repo: str = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo, branch=revision, token=token, exist_ok=True)
+    return repo
+
+
 def _remote_card(
     api: HfApi, repo_id: str, revision: str | None, token: str | bool | None, cache: Path
 ) -> str | None:
@@ -112,7 +148,11 @@ def _remote_card(
 
 
 def _push_error(
-    exc: BaseException, repo_id: str, revision: str | None, token: str | bool | None
+    exc: BaseException,
+    repo_id: str,
+    revision: str | None,
+    token: str | bool | None,
+    what: str = "the adapter",
 ) -> str:
     import httpx2
     from huggingface_hub import constants, get_token
@@ -125,7 +165,7 @@ def _push_error(
     )
 
     at = f"{repo_id}@{revision}" if revision else repo_id
-    cannot = f"cannot push the adapter to {at}"
+    cannot = f"cannot push {what} to {at}"
     if isinstance(exc, HFValidationError):
         return f"{repo_id!r} is not a valid hub id ({_first_line(exc)})"
     if isinstance(exc, OfflineModeIsEnabled):

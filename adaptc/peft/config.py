@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from torch import nn
 
 from adaptc.compiler import NoTargetsError, compiled_info
+from adaptc.io.push import push_files
 from adaptc.spec import Spec, from_peft_config
 from adaptc.spec.load import PEFT_CONFIG_NAME
 from adaptc.spec.method import PEFT_FORMAT_VERSION, method_specs
@@ -235,6 +237,30 @@ class PeftConfig:
             )
             del data["runtime_config"]
         return data
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> str:
+        """Upload ``adapter_config.json`` to the Hub repository ``repo_id`` (created when
+        missing), as PEFT's; returns the commit's URL."""
+        del max_shard_size, tags  # a config is one small file, and has no model card
+        with tempfile.TemporaryDirectory(prefix="adaptc-config-") as tmp:
+            self.save_pretrained(tmp)
+            return push_files(
+                tmp, repo_id, private=private, token=token, revision=revision,
+                commit_message=commit_message or "Upload config",
+                commit_description=commit_description, create_pr=create_pr, what="the config",
+            )  # fmt: skip
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` as PEFT does (sets as lists, sorted keys)."""

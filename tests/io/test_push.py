@@ -383,6 +383,8 @@ def test_peft_model_push_to_hub_as_peft(hub, tmp_path):
                                        init_lora_weights=False))
             url = model.push_to_hub(f"org/{name}-pushed", commit_message="my message")
             out[name] = {"url": str(url), "logits": logits(model)}
+        for name, lib in (("peft", peft), ("adaptc", ap)):  # a config alone
+            lib.LoraConfig(r=4, target_modules=["q_proj"]).push_to_hub(f"org/{name}-config")
         out["adaptc_reads_peft"] = logits(ap.PeftModel.from_pretrained(base, "org/peft-pushed"))
         out["peft_reads_adaptc"] = logits(peft.PeftModel.from_pretrained(
             copy.deepcopy(base), "org/adaptc-pushed"))
@@ -397,3 +399,8 @@ def test_peft_model_push_to_hub_as_peft(hub, tmp_path):
     mine, theirs = server.files("org/adaptc-pushed"), server.files("org/peft-pushed")
     assert set(theirs) <= set(mine)  # peft's files, plus adaptc_spec.yaml
     assert _card(mine["README.md"])["library_name"] == "peft"
+    configs = [server.files(f"org/{n}-config") for n in ("peft", "adaptc")]
+    assert "adapter_config.json" in configs[0]  # (peft also pushes a stub README.md)
+    assert set(configs[1]) == {"adapter_config.json"}
+    theirs, ours = (json.loads(c["adapter_config.json"]) for c in configs)
+    assert ours == theirs
