@@ -66,6 +66,9 @@ class _Cloner:
             name: None if child is None else self.clone(child)
             for name, child in module._modules.items()
         }
+        kind = find_kind(module)
+        if kind is not None:
+            kind.share_state(module, state)
         new.__dict__.update(state)
         return new
 

@@ -87,6 +87,12 @@ def merge_in_place(
     layers = _layers(model, todo)
     for layer in layers:
         new = merged_layer(layer, todo, safe=safe)
+        if type(new) is not type(layer):  # e.g. a quantized layer merges into a float one
+            target = next(b.target for b in branches_of(layer, todo))
+            raise CompileError(
+                f"{target}: a {type(layer).__name__} cannot be merged in place (its merged "
+                f"weights are a {type(new).__name__}); adaptc.merge() gives the merged model"
+            )
         for where in ("_parameters", "_buffers", "_modules"):  # a kind may rebuild a child
             mine, theirs = getattr(layer, where), getattr(new, where)
             for name, value in theirs.items():

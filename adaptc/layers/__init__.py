@@ -12,10 +12,12 @@ from adaptc.layers.base import (
     register,
     share_parameter,
 )
+from adaptc.layers.bnb import Bnb8bitKind
 from adaptc.layers.mha import MultiheadAttentionKind
 from adaptc.layers.standard import Conv1DKind, ConvKind, EmbeddingKind, LinearKind
 
 # First match wins: specific kinds before general ones.
+register(Bnb8bitKind())  # before nn.Linear, its base class
 register(Conv1DKind())
 register(LinearKind())
 register(EmbeddingKind())
@@ -25,6 +27,7 @@ register(ConvKind("nn.Conv3d", nn.Conv3d))
 register(MultiheadAttentionKind())
 
 __all__ = [
+    "Bnb8bitKind",
     "Conv1DKind",
     "ConvKind",
     "EmbeddingKind",

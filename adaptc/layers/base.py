@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,11 @@ class LayerKind:
         """The compiled model's frozen parameter for the user's ``param`` (same storage;
         a kind whose parameters carry state, such as a quantized one, keeps it)."""
         return share_parameter(param)
+
+    def share_state(self, module: nn.Module, state: dict[str, Any]) -> None:
+        """Give the compiled model's copy of ``module`` (its ``__dict__``, ``state``) its own
+        mutable state where the layer keeps some besides its tensors (a quantized layer's
+        matmul state, changed by its forward); the tensors in it stay shared."""
 
     def with_weights(
         self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None

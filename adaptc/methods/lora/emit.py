@@ -24,7 +24,7 @@ def emit_linear_branch(
     x: fx.Node,
     base_out: fx.Node,
     *,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
     branch: LoraBranch,
     branch_path: str,
 ) -> fx.Node:
@@ -32,6 +32,9 @@ def emit_linear_branch(
 
     ``out_dtype`` is the dtype the base layer computes in (its kind's ``compute_dtype``):
     when the adapter's dtype differs, ``x`` is cast to it and the sum back to ``out_dtype``.
+    None (a quantized layer, whose result dtype follows its input at run time): ``x`` is
+    cast to the adapter's dtype and the LoRA output to the base result's before the add,
+    PEFT's order for bitsandbytes layers.
 
     Before::
 
@@ -58,7 +61,8 @@ def emit_linear_branch(
     """
     lora_weight = branch.lora_A.weight
     assert isinstance(lora_weight, torch.Tensor)
-    cast = out_dtype != lora_weight.dtype
+    runtime = out_dtype is None
+    cast = runtime or out_dtype != lora_weight.dtype
     with graph.inserting_before(base_out.next):
         h = x
         if cast:
@@ -75,7 +79,9 @@ def emit_linear_branch(
             scale = 1.0
         b = graph.call_module(f"{branch_path}.lora_B", (a,))
         scaled = b if scale == 1.0 else graph.call_function(operator.mul, (b, scale))
+        if runtime:  # the LoRA output to the base result's dtype, then the add
+            scaled = graph.call_method("type_as", (scaled, base_out))
         out = graph.call_function(operator.add, (base_out, scaled))
-        if cast:
+        if cast and not runtime:
             out = graph.call_method("to", (out, out_dtype))
     return out

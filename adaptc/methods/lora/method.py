@@ -12,6 +12,7 @@ from torch import fx, nn
 from adaptc.layers import LayerKind, find_kind, kinds
 from adaptc.methods.base import Branch, Method, Settings
 from adaptc.methods.lora import alora, dora  # their variants register on import
+from adaptc.methods.lora.bnb import Bnb8bitRule
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.conv import ConvRule
 from adaptc.methods.lora.embedding import EmbeddingRule
@@ -25,6 +26,7 @@ __all__ = ["METHOD", "LoraMethod", "pattern_value", "rule_for"]
 
 # LoRA's rule for each layer kind it supports (PEFT's lora.Linear, lora.Conv2d, …)
 _RULE_TYPES: dict[str, type[LoraRule]] = {
+    "bnb.Linear8bitLt": Bnb8bitRule,
     "nn.Linear": LinearRule,
     "transformers.Conv1D": LinearRule,
     "nn.Embedding": EmbeddingRule,

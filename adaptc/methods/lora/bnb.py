@@ -1,0 +1,62 @@
+"""LoRA on bitsandbytes' 8-bit linear layers (PEFT's ``lora.bnb.Linear8bitLt``).
+
+The branch is a linear branch (``lora_A``/``lora_B``, float32, PEFT's file keys), applied
+to the layer's input; only the casts differ, in PEFT's order for bitsandbytes: ``x`` to
+the adapter's dtype, the LoRA output to the base result's dtype, then the add (the
+result's dtype follows the input at run time, the int8 weight says nothing of it)::
+
+    q_proj = self.q_proj(x)
+    to = x.to(torch.float32)
+    q_proj_lora_default_lora_a = self.q_proj.lora_default.lora_A(to)
+    q_proj_lora_default_lora_b = self.q_proj.lora_default.lora_B(q_proj_lora_default_lora_a)
+    type_as = q_proj_lora_default_lora_b.type_as(q_proj)
+    add = q_proj + type_as
+
+A merge dequantizes the weight and gives a float ``nn.Linear`` (``W_deq + s·ΔW``).
+Inits that read or rewrite the base weight (PiSSA, OLoRA, MiCA) and variants (DoRA) are
+not available on these layers yet.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from adaptc.methods.lora.branch import LoraBranch
+from adaptc.methods.lora.emit import emit_linear_branch
+from adaptc.methods.lora.linear import LinearRule
+from adaptc.methods.lora.rule import BranchConfig
+
+__all__ = ["Bnb8bitRule"]
+
+_BASE_INITS = ("pissa", "olora", "mica")  # they read or rewrite the (quantized) weight
+
+
+class Bnb8bitRule(LinearRule):
+    """See the module docstring."""
+
+    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
+        super().refuse(module, cfg)
+        if cfg.init in _BASE_INITS:
+            raise ValueError(
+                f"{cfg.target}: init {cfg.init!r} is not available on 8-bit (bitsandbytes) "
+                "layers yet"
+            )
+
+    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
+        self.refuse(module, cfg)
+        return super().check(module, cfg)
+
+    def emit_plain(
+        self,
+        graph: fx.Graph,
+        x: fx.Node,
+        base_out: fx.Node,
+        *,
+        base: nn.Module,
+        base_path: str,
+        branch: LoraBranch,
+        branch_path: str,
+    ) -> fx.Node:
+        return emit_linear_branch(
+            graph, x, base_out, out_dtype=None, branch=branch, branch_path=branch_path
+        )
