@@ -69,6 +69,7 @@ LAYER_TYPES = (
     "nn.Conv3d",
     "nn.MultiheadAttention",
     "transformers.Conv1D",
+    "bnb.Linear8bitLt",
 )
 
 
