@@ -62,7 +62,7 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
             owner = name.rpartition(".")[0]
             key = f"{owner}.base_layer.bias" if owner in targets else name
             yield f"{PREFIX}{key}", params[name]
-    for path, wrapper in _saved_modules(model):
+    for path, wrapper in saved_modules(model):
         if adapter not in wrapper.modules_to_save:
             continue
         for name, tensor in wrapper.modules_to_save[adapter].state_dict(keep_vars=True).items():
@@ -110,7 +110,8 @@ def adapter_branches(model: nn.Module, adapter: str) -> list[Branch]:
     return [seen[k] for k in seen]
 
 
-def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """``(path in the user's model, wrapper)`` for each ``modules_to_save`` wrapper."""
     for path, module in _original_paths(model):
         if isinstance(module, ModulesToSave):
             yield path, module
@@ -139,11 +140,6 @@ def target_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if id(module) not in seen and any(isinstance(c, Branch) for c in module.children()):
             seen.add(id(module))
             yield path, module
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    """``(path in the user's model, wrapper)`` for each ``modules_to_save`` wrapper."""
-    yield from _saved_modules(model)
 
 
 def _layer(model: nn.Module, path: str) -> nn.Module:

@@ -44,8 +44,6 @@ class MergedWeights:
     # (layer, "_parameters", "_buffers" or "_modules", name, its value before the first merge)
     originals: list[tuple[nn.Module, str, str, Any]] = field(default_factory=list)
     layers: list[nn.Module] = field(default_factory=list)  # the layers merged into
-    # (layer, "_parameters" or "_buffers", name, the merged tensor)
-    current: list[tuple[nn.Module, str, str, Any]] = field(default_factory=list)
 
 
 def merged_adapters(model: nn.Module) -> tuple[str, ...]:
@@ -104,10 +102,6 @@ def merge_in_place(
             state.originals.append((layer, where, name, getattr(layer, where).get(name)))
             seen.add((id(layer), where, name))
         getattr(layer, where)[name] = tensor
-    state.current = [
-        (layer, where, name, getattr(layer, where)[name])
-        for layer, where, name, _ in state.originals
-    ]
     for layer in layers:
         layer.__dict__[MERGED] = (*layer.__dict__.get(MERGED, ()), *todo)
         state.layers.append(layer)
@@ -143,12 +137,13 @@ def unmerged(model: nn.Module) -> Iterator[nn.Module]:
     if state is None:
         yield model
         return
+    merged = [getattr(layer, where)[name] for layer, where, name, _ in state.originals]
     for layer, where, name, tensor in state.originals:
         getattr(layer, where)[name] = tensor
     try:
         yield model
     finally:
-        for layer, where, name, tensor in state.current:
+        for (layer, where, name, _), tensor in zip(state.originals, merged, strict=True):
             getattr(layer, where)[name] = tensor
 
 

@@ -56,11 +56,10 @@ def rebuild(model: nn.Module, active: tuple[str, ...], *, site: SiteEmitter | No
     one node per target call instead, as a mixed batch emits) and point ``modules_to_save``
     wrappers at the first active adapter that has a copy (or the frozen original).
 
-    Adapters merged in place into the weights emit no branch (they are in the weights),
-    and none does while the adapters are disabled (:func:`adaptc.disabled`)."""
+    No branch is emitted while the adapters are disabled (:func:`adaptc.disabled`); a
+    layer with adapters merged in place runs alone (:mod:`adaptc.compiler.inplace`)."""
     info = compiled_info(model)
-    merged = info.merged.adapters if info is not None and info.merged is not None else ()
-    emitted = tuple(a for a in active if a not in merged)
+    emitted = active
     if info is not None and info.disabled:
         emitted = active = ()
     for module in model.modules():

@@ -27,6 +27,7 @@ from adaptc.io.load import AdapterLoadError, IncompatibleKeys, add_loaded, load_
 from adaptc.peft.config import LoraConfig
 from adaptc.peft.convert import as_plain_lora
 from adaptc.peft.forward import SPECIAL_FORWARD_ARGS, first_input, special_forward
+from adaptc.peft.precision import require_input_grads
 from adaptc.peft.status import (
     TunerLayerStatus,
     TunerModelStatus,
@@ -156,15 +157,8 @@ class PeftModel(nn.Module):
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
         """PEFT's: inputs of the embeddings require grad, so checkpointed blocks train (on
         the model given: pass the adapted model, never changed for your original)."""
-        if not any(
-            getattr(model, q, False)
-            for q in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")
-        ):
-            target: Any = model
-            if hasattr(target, "enable_input_require_grads"):
-                target.enable_input_require_grads()
-            elif hasattr(target, "get_input_embeddings"):
-                target.get_input_embeddings().register_forward_hook(_inputs_require_grad)
+        if not any(getattr(model, q, False) for q in _QUANTIZED):
+            require_input_grads(model)
 
     # --- running -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -395,6 +389,8 @@ class PeftModel(nn.Module):
         return peft_model
 
 
+_QUANTIZED = ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")  # PEFT's checks
+# PEFT's device-placement keywords: on one device they change nothing
 _DEVICE_KEYWORDS = ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index")
 
 
@@ -405,16 +401,13 @@ def _load_options(
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     """Check the loading keywords PEFT's ``from_pretrained``/``load_adapter`` take; returns
-    the options for adaptc's loader. The device keywords are checked and removed."""
+    the options for adaptc's loader (:func:`adapter_directory` reads the others)."""
     if torch_device is not None:
         torch.device(torch_device)  # a bad name is an error, as in PEFT
     if ephemeral_gpu_offload:
         raise unsupported("ephemeral_gpu_offload", True)
     if key_mapping:
         raise unsupported("key_mapping", key_mapping)
-    for key in _DEVICE_KEYWORDS:
-        kwargs.pop(key, None)
-    kwargs.pop("low_cpu_mem_usage", None)
     return {"ignore_mismatched_sizes": bool(kwargs.pop("ignore_mismatched_sizes", False))}
 
 
@@ -451,10 +444,6 @@ def _compile_loaded(
     return loaded
 
 
-def _inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
-    output.requires_grad_(True)
-
-
 def adapter_directory(model_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Path:
     """The adapter directory that ``from_pretrained``/``load_adapter`` arguments name, a hub
     id downloaded as peft does (``subfolder``, ``revision``, ``cache_dir``, ``token``,
@@ -488,5 +477,4 @@ def _prepare_for_gradient_checkpointing(model: Any) -> None:
         return
     if any(getattr(model, q, False) for q in ("is_loaded_in_8bit", "is_loaded_in_4bit")):
         return
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    require_input_grads(model)

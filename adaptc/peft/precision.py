@@ -21,7 +21,7 @@ from torch import nn
 
 from adaptc.compiler import compiled_info, rebuild
 
-__all__ = ["cast_mixed_precision_params", "prepare_model_for_kbit_training"]
+__all__ = ["cast_mixed_precision_params", "prepare_model_for_kbit_training", "require_input_grads"]
 
 _NOT_UPCAST = ("gptq", "aqlm", "eetq", "hqq", "torchao")  # quantization methods PEFT skips
 
@@ -53,10 +53,7 @@ def prepare_model_for_kbit_training(
             torch.cuda.empty_cache()
     if (in_kbit or skips_upcast) and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-            else:
-                model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+            require_input_grads(model)
         takes_kwargs = (
             "gradient_checkpointing_kwargs"
             in inspect.signature(model.gradient_checkpointing_enable).parameters
@@ -84,6 +81,16 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
         info = compiled_info(module)
         if info is not None:
             rebuild(module, info.active)
+
+
+def require_input_grads(model: Any) -> None:
+    """Make the input embeddings' output require grad (what gradient checkpointing needs
+    when the inputs do not), as PEFT does: transformers' ``enable_input_require_grads``,
+    or a forward hook on ``get_input_embeddings()``."""
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(_output_requires_grad)
 
 
 def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:

@@ -55,20 +55,16 @@ class TunerModelStatus:
 
 
 def _adapted(model: Any) -> tuple[nn.Module, bool, list[str]]:
-    """The compiled model inside ``model`` (a PeftModel, LoraModel or compiled model),
-    whether its adapters are enabled, and the active ones (also while disabled)."""
-    base = getattr(model, "base_model", None)
-    if base is not None and compiled_info(getattr(base, "model", base)) is not None:
-        model = base
-    inner = getattr(model, "model", model) if compiled_info(model) is None else model
-    if compiled_info(inner) is None:
-        raise ValueError(
-            "No adapter layers found in the model, please ensure that it's a PEFT model or that "
-            "you have PEFT adapters injected in the model."
-        )
-    info = compiled_info(inner)
-    assert info is not None
-    return inner, not info.disabled, list(info.active)
+    """The compiled model inside ``model`` (a compiled model, or the ``.model`` of a
+    LoraModel, also reached from a PeftModel), whether its adapters are enabled, and the
+    active ones (also while disabled)."""
+    for inner in (model, getattr(model, "model", None)):
+        if isinstance(inner, nn.Module) and (info := compiled_info(inner)) is not None:
+            return inner, not info.disabled, list(info.active)
+    raise ValueError(
+        "No adapter layers found in the model, please ensure that it's a PEFT model or that "
+        "you have PEFT adapters injected in the model."
+    )
 
 
 def _uniform(values: list[bool]) -> bool | Irregular:
