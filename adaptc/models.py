@@ -27,7 +27,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +36,15 @@ from safetensors import SafetensorError
 from torch import nn
 
 from adaptc.compiler.compile import AdaptcWarning
+from adaptc.dtypes import DTYPES, dtype_name
 from adaptc.hub import CHECKPOINT_FILES, HubError, download_file, is_hub_id, snapshot
 from adaptc.plan.plan import Plan
+from adaptc.quantize import (
+    QuantizationError,
+    describe,
+    from_pretrained_kwargs,
+    quantize_loaded,
+)
 
 __all__ = [
     "AUTO_CLASSES",
@@ -147,6 +154,7 @@ def build_model(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    quantization: Any = None,
 ) -> nn.Module:
     """The model ``ref`` names, of the class :func:`model_class` chooses for ``task_type``.
 
@@ -157,9 +165,22 @@ def build_model(
     checkpoint's. Weights the checkpoint lacks (a new task head) or holds in excess are
     reported as one ``AdaptcWarning`` each. ``progress`` shows transformers' loading bar.
     ``config_overrides`` change the config before building (e.g. ``num_labels``).
+    ``quantization`` (a spec's ``base_model.quantization``) loads the weights quantized
+    (:mod:`adaptc.quantize`); on the meta device it changes nothing (a plan estimates the
+    quantized size from the float twin).
     """
+    try:
+        quantized = {} if quantization is None or meta else from_pretrained_kwargs(quantization)
+    except QuantizationError as exc:
+        raise ModelError(str(exc)) from None
+    if quantized and ref.kind in ("factory", "config"):
+        raise ModelError(
+            f"{ref}: {describe(quantization)} quantizes weights while loading a checkpoint; "
+            "give a model directory or hub id"
+        )
     if ref.kind == "factory":
-        return _call_factory(ref, meta=meta, dtype=dtype)
+        model = _call_factory(ref, meta=meta, dtype=dtype)
+        return model if meta else _quantized(model, quantization)
     assert ref.path is not None
     config = _read_config(ref)
     for key, value in (config_overrides or {}).items():
@@ -171,13 +192,14 @@ def build_model(
             with torch.device("meta"):
                 return _from_config(auto, config, kwargs)
         if ref.kind == "config":
-            return _from_config(auto, config, kwargs)
+            return _quantized(_from_config(auto, config, kwargs), quantization)
         source = ref.ref if ref.kind == "hub" else ref.path
         hub = {"revision": ref.revision, "cache_dir": ref.cache_dir} if ref.kind == "hub" else {}
         with _transformers_output(progress):
             model, info = auto.from_pretrained(
-                source, config=config, dtype=dtype or "auto", output_loading_info=True, **hub
-            )
+                source, config=config, dtype=dtype or "auto", output_loading_info=True,
+                **hub, **quantized,
+            )  # fmt: skip
     except ValueError as exc:  # an architecture this auto class does not build
         if "Unrecognized configuration class" in str(exc):
             task = f"task_type {task_type}" if task_type else "no task_type"
@@ -197,7 +219,18 @@ def build_model(
             more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
             message = f"{ref}: weights {what}: {', '.join(names[:3])}{more}"
             warnings.warn(message, AdaptcWarning, stacklevel=2)
-    return model  # type: ignore[no-any-return]
+    return _quantized(model, quantization)
+
+
+def _quantized(model: nn.Module, quantization: Any) -> nn.Module:
+    """``model`` quantized in place by a backend that does it after loading (torchao, hqq,
+    quanto; bitsandbytes quantized it while loading)."""
+    if quantization is None:
+        return model
+    try:
+        return quantize_loaded(model, quantization)
+    except QuantizationError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def model_class(ref: ModelRef, task_type: str | None, *, config: Any = None) -> Any:
@@ -353,18 +386,6 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``fp32``/``bf16``/``fp16`` (the CLI's names), else torch's name (``float64``)."""
-    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes to train: weights, gradients and AdamW states (activations not included)."""
@@ -386,13 +407,18 @@ class MemoryEstimate:
         }
 
 
-def training_memory(plan: Plan, dtype: torch.dtype) -> dict[str, MemoryEstimate]:
-    """Memory to train with the plan's adapters (``"lora"``) and without (``"full"``).
+def training_memory(
+    plan: Plan, dtype: torch.dtype, quantized_base: int | None = None
+) -> dict[str, MemoryEstimate]:
+    """Memory to train with the plan's adapters (``"lora"``) and without (``"full"``), and
+    on a quantized base (``"qlora"``) when ``quantized_base`` gives its weights' bytes
+    (:func:`adaptc.quantize.quantized_bytes`).
 
     LoRA: base weights (and ``modules_to_save`` copies) at ``dtype``, adapter weights in fp32
     (PEFT's ``autocast_adapter_dtype``), gradients of the trainable parameters in their own
     dtype, AdamW's two fp32 states per trainable parameter. Full fine-tuning: weights and
-    gradients of every base parameter at ``dtype``, and two fp32 states each.
+    gradients of every base parameter at ``dtype``, and two fp32 states each. QLoRA: as
+    LoRA, with the base weights quantized (``modules_to_save`` copies stay at ``dtype``).
     """
     size = torch.empty((), dtype=dtype).element_size()
     adapter = plan.adapter_params
@@ -405,4 +431,8 @@ def training_memory(plan: Plan, dtype: torch.dtype) -> dict[str, MemoryEstimate]
     )
     base = plan.base_params
     full = MemoryEstimate(weights=base * size, gradients=base * size, optimizer=2 * 4 * base)
-    return {"lora": lora, "full": full}
+    estimates = {"lora": lora, "full": full}
+    if quantized_base is not None:
+        copies = plan.total_params - adapter - base  # modules_to_save copies
+        estimates["qlora"] = replace(lora, weights=quantized_base + copies * size + adapter * 4)
+    return estimates

@@ -370,6 +370,8 @@ Case = Callable[[], "dict[str, Any] | list[dict[str, Any]]"]
 def all_cases(s: Settings) -> list[tuple[str, Case]]:
     """(name, case) pairs, so a caller can choose cases without running the others; a case
     gives one row, or several (the mixed-batch cases give two)."""
+    import qlora  # the QLoRA rows (benchmarks/qlora.py; it imports this module)
+
     cases: list[tuple[str, Case]] = [
         ("compile-meta-7b", lambda: compile_meta(s, "7b")),
         ("compile-meta-70b", lambda: compile_meta(s, "70b")),
@@ -384,6 +386,9 @@ def all_cases(s: Settings) -> list[tuple[str, Case]]:
         ("merge", lambda: merge_time(s)),
         ("mixed-batch-seq128", lambda: mixed_batch(s, 128)),
         ("mixed-batch-seq1", lambda: mixed_batch(s, 1)),
+        ("qlora-train-step", lambda: qlora.train_step(s)),
+        ("qlora-train-step-peak-memory", lambda: qlora.train_memory(s)),
+        ("qlora-weights-vs-lora", lambda: qlora.weights_vs_lora(s)),
     ]
     if s.device != "cpu":  # torch.compile's cold start is the slowest row there: run it last
         cases.sort(key=lambda c: c[0].startswith("torch-compile"))

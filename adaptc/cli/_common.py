@@ -6,11 +6,11 @@ import argparse
 import sys
 import textwrap
 
-__all__ = ["DTYPE_NAMES", "add_command", "fail", "spec_source"]
+# --dtype choices (the spec's names); adaptc.models.DTYPES maps them to torch dtypes (the
+# CLI imports torch only when a command needs it; the spec does not import it)
+from adaptc.spec.quantization import DTYPE_NAMES
 
-# --dtype choices; adaptc.models.DTYPES maps them to torch dtypes (not imported here: the
-# CLI imports torch only when a command needs it)
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+__all__ = ["DTYPE_NAMES", "add_command", "fail", "spec_source"]
 
 
 def add_command(

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from adaptc.compiler.compile import compiled_info
     from adaptc.counting import trainable_line
     from adaptc.models import DTYPES, build_model, dtype_name, model_dtype, resolve_model
+    from adaptc.quantize import describe
 
     found = spec_and_model(args, "compile")
     if isinstance(found, int):
@@ -71,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             ref = resolve_model(name, cache_dir=args.cache_dir, revision=revision)
             dtype = DTYPES.get(args.dtype or "")
+            quantization = spec.base_model.quantization if spec.base_model else None
             model = build_model(
-                ref, task_type=spec.task_type, meta=False, dtype=dtype, progress=progress
-            )
+                ref, task_type=spec.task_type, meta=False, dtype=dtype, progress=progress,
+                quantization=quantization,
+            )  # fmt: skip
             new = adaptc.compile(model, spec)
             info = compiled_info(new)  # the plan compile followed (a merged model has none)
             plan = info.plan if info is not None else adaptc.build_plan(model, spec)
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             "model": name,
             "model_class": type(model).__name__,
             "dtype": dtype_name(model_dtype(model)),
+            "quantization": None if quantization is None else quantization.model_dump(),
             "plan": plan.to_dict(),
             "trainable_params": trainable,
             "all_params": total,
@@ -104,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         merged = ", adapters merged into the weights" if spec.merge else ""
-        print(f"{name}: {type(model).__name__} ({dtype_name(model_dtype(model))}{merged})")
+        quantized = f", {describe(quantization)}" if quantization is not None else ""
+        print(
+            f"{name}: {type(model).__name__} ({dtype_name(model_dtype(model))}{quantized}{merged})"
+        )
         print(replace(plan, warnings=()))
     print(line)
     for message in messages:

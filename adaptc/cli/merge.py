@@ -101,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     summary = {"out": str(report.out_dir), "adapter": report.adapter, "shards": report.shards,
                "tensors": report.tensors, "merged": report.merged,
-               "replaced": report.replaced}  # fmt: skip
+               "replaced": report.replaced, "dequantized": report.dequantized}  # fmt: skip
     if args.json:
         print(json.dumps(summary))
     else:
         copied = f", {report.replaced} taken from the adapter" if report.replaced else ""
+        if report.dequantized:
+            copied += f", {report.dequantized} dequantized"
         print(f"wrote {report.out_dir}: adapter {report.adapter!r}, {report.merged} merged"
               f"{copied}, of {report.tensors} tensors in {report.shards} shard(s)")  # fmt: skip
     return 0

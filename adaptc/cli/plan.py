@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_model,
         training_memory,
     )
+    from adaptc.quantize import describe, quantized_bytes  # lazily too (torch)
 
     found = spec_and_model(args, "plan")
     if isinstance(found, int):
@@ -83,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # ModelError, and the plan's one-line target errors
         return fail("plan", str(exc))
     dtype = model_dtype(model)
-    memory = training_memory(plan, dtype)
+    quantization = spec.base_model.quantization if spec.base_model else None
+    quantized = None if quantization is None else quantized_bytes(model, quantization, dtype)
+    memory = training_memory(plan, dtype, quantized)
     line = trainable_line(plan.trainable_params, plan.total_params)
     if args.json:
         doc: dict[str, Any] = {
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             "trainable_line": line,
             "memory": {
                 "dtype": dtype_name(dtype),
+                "quantization": None if quantization is None else describe(quantization),
                 **{k: m.to_dict() for k, m in memory.items()},
             },
         }
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     print(line)
     for warning in plan.warnings:
         print(f"warning: {warning}")
-    print(memory_table(memory, dtype, _methods_title(plan)))
+    quantized_title = None if quantization is None else describe(quantization)
+    print(memory_table(memory, dtype, _methods_title(plan), quantized_title))
     return 0
 
 
@@ -141,13 +146,22 @@ def model_of(spec: Spec, model: str | None, revision: str | None) -> tuple[str |
 
 
 def memory_table(
-    memory: dict[str, MemoryEstimate], dtype: torch.dtype, adapters: str = "LoRA"
+    memory: dict[str, MemoryEstimate],
+    dtype: torch.dtype,
+    adapters: str = "LoRA",
+    quantization: str | None = None,
 ) -> str:
+    """The memory to train as a table; a ``qlora`` estimate is the first row, named after
+    the ``quantization`` (``LoRA, base bitsandbytes 4-bit nf4``)."""
     # lazily: the library imports torch; the CLI starts without it
     from adaptc.models import dtype_name
 
     rows: list[tuple[str, ...]] = [("memory to train", "weights", "gradients", "AdamW", "total")]
-    for label, key in ((adapters, "lora"), ("full fine-tuning", "full")):
+    labels = [(adapters, "lora"), ("full fine-tuning", "full")]
+    if "qlora" in memory:
+        labels.insert(0, (f"{adapters}, base {quantization}", "qlora"))
+        labels[1] = (f"{adapters}, base {dtype_name(dtype)}", "lora")
+    for label, key in labels:
         m = memory[key]
         rows.append(
             (
@@ -163,8 +177,11 @@ def memory_table(
         )
         for r in rows
     ]
+    quantized = (
+        "; quantized: linear layers but the head, with their scales" if "qlora" in memory else ""
+    )
     note = (
-        f"base weights {dtype_name(dtype)}, adapter weights fp32, AdamW states fp32; "
+        f"base weights {dtype_name(dtype)}{quantized}, adapter weights fp32, AdamW states fp32; "
         "activations not included"
     )
     return "\n".join([*lines, f"({note})"])

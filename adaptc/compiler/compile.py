@@ -16,7 +16,7 @@ import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -25,10 +25,11 @@ from adaptc.compiler import retrace  # noqa: F401  (installs the pattern hooks)
 from adaptc.compiler.clone import share_clone
 from adaptc.compiler.errors import AdaptcWarning, CompileError, NoTargetsError
 from adaptc.compiler.inplace import unmerged
-from adaptc.compiler.passes import merge_graph, merged_layer
+from adaptc.compiler.passes import QuantizedMerge, merge_graph, merged_layer
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.state import STATE, Compiled, compiled, compiled_info, rebuild
 from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
+from adaptc.dtypes import DTYPES
 from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import branches_of, method
@@ -97,17 +98,52 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, *, adapters: list[str] | None = None, safe: bool = True) -> nn.Module:
+def merge(
+    model: nn.Module,
+    *,
+    adapters: list[str] | None = None,
+    safe: bool = True,
+    quantized: Literal["dequantize", "requantize"] | None = None,
+    dtype: torch.dtype | None = None,
+    errors: dict[str, float] | None = None,
+) -> nn.Module:
     """A new model with the adapters folded into the base weights and no adapter nodes.
 
     The unmerged ``model`` (and the user's original) stay valid and unchanged. ``safe``
     checks that merged weights are finite and names the adapter and module when not.
+
+    A quantized layer (bitsandbytes, …) is dequantized by default: the merged layer is a
+    float ``nn.Linear`` holding ``W_deq + s·ΔW`` exactly, in ``dtype`` when given (else the
+    dequantized weight's). ``quantized="requantize"`` writes it back in its own format
+    instead, which is lossy: the largest absolute error per layer goes into ``errors``
+    (by target path) and the largest of all is reported in an ``AdaptcWarning``. Both
+    default to the spec's ``base_model.quantization`` (``merge``, ``merge_dtype``).
     """
+    info = compiled(model, "merge()")
+    declared = info.spec.base_model.quantization if info.spec.base_model else None
+    mode = quantized or (declared.merge if declared is not None else "dequantize")
+    if dtype is None and declared is not None and declared.merge_dtype is not None:
+        dtype = DTYPES[declared.merge_dtype]
+    how = QuantizedMerge(mode, dtype)
     with gc_paused():
-        return _merge(model, adapters=adapters, safe=safe)
+        new = _merge(model, adapters=adapters, safe=safe, quantized=how)
+    if errors is not None:
+        errors.update(how.errors)
+    if how.errors:
+        worst = max(how.errors, key=how.errors.__getitem__)
+        warnings.warn(
+            f"requantized {len(how.errors)} merged layer(s) in their quantized format: the "
+            f"largest error is {how.errors[worst]:.3g} ({worst}); merge with "
+            "quantized='dequantize' for the exact float weights",
+            AdaptcWarning,
+            stacklevel=2,
+        )
+    return new
 
 
-def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Module:
+def _merge(
+    model: nn.Module, *, adapters: list[str] | None, safe: bool, quantized: QuantizedMerge
+) -> nn.Module:
     info = compiled(model, "merge()")
     names = adapters if adapters is not None else list(info.active)
     with unmerged(model):  # merged in place: merge from the original weights
@@ -117,9 +153,11 @@ def _merge(model: nn.Module, *, adapters: list[str] | None, safe: bool) -> nn.Mo
             layer = module._modules["base_layer"]
             assert layer is not None
             if branches_of(layer):
-                module._modules["base_layer"] = merged_layer(layer, names, safe=safe)
+                module._modules["base_layer"] = merged_layer(
+                    layer, names, safe=safe, quantized=quantized
+                )
         elif is_adapted_graph(module):
-            merge_graph(module, names, safe=safe)  # type: ignore[arg-type]
+            merge_graph(module, names, safe=safe, quantized=quantized)  # type: ignore[arg-type]
     new = unwrap_adapted_layers(new)
     new.__dict__.pop(STATE, None)  # a plain model: it can be compiled again
     drop_checkpoint_hooks(new)  # the base model did not have them

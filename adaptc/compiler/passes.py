@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import fx, nn
@@ -27,6 +29,7 @@ from adaptc.methods.registry import branches_of, method_of
 __all__ = [
     "MERGED",
     "MergeError",
+    "QuantizedMerge",
     "SiteEmitter",
     "add_pattern",
     "insert_branches",
@@ -209,7 +212,13 @@ def _outside(nodes: set[fx.Node]) -> Callable[[fx.Node], bool]:
 
 
 @torch.no_grad()
-def merge_graph(gm: fx.GraphModule, adapters: Sequence[str], *, safe: bool = True) -> None:
+def merge_graph(
+    gm: fx.GraphModule,
+    adapters: Sequence[str],
+    *,
+    safe: bool = True,
+    quantized: QuantizedMerge | None = None,
+) -> None:
     """Fold ``adapters`` into new base weights and drop every branch from ``gm``.
 
     The layers that carried branches are replaced by copies holding ``W + s·ΔW`` (new
@@ -220,7 +229,7 @@ def merge_graph(gm: fx.GraphModule, adapters: Sequence[str], *, safe: bool = Tru
     merged: dict[int, nn.Module] = {}
     for path, layer in _branch_holders(gm):
         if id(layer) not in merged:
-            merged[id(layer)] = merged_layer(layer, adapters, safe=safe)
+            merged[id(layer)] = merged_layer(layer, adapters, safe=safe, quantized=quantized)
         gm.set_submodule(path, merged[id(layer)])
     insert_branches(gm, ())  # no layer carries a branch any more: the base graphs
 
@@ -242,11 +251,30 @@ def _branch_holders(gm: fx.GraphModule) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn.Module:
+@dataclass(frozen=True)
+class QuantizedMerge:
+    """How a merge writes a quantized layer back: ``dequantize`` (a float layer holding
+    ``W_deq + s·ΔW``, in ``dtype`` when given, else the dequantized weight's) or
+    ``requantize`` (the layer's own format again; lossy: each layer's largest absolute
+    error is recorded in ``errors``, by target path)."""
+
+    mode: Literal["dequantize", "requantize"] = "dequantize"
+    dtype: torch.dtype | None = None
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def merged_layer(
+    layer: nn.Module,
+    adapters: Sequence[str],
+    *,
+    safe: bool,
+    quantized: QuantizedMerge | None = None,
+) -> nn.Module:
     """A copy of ``layer`` with the branches of ``adapters`` merged in and none attached.
 
     Each branch's method folds it into the weights read by the layer's kind, in order
-    (additive methods add ``s·ΔW``, multiplicative ones scale); the kind writes them back."""
+    (additive methods add ``s·ΔW``, multiplicative ones scale); the kind writes them back
+    (a quantized kind as ``quantized`` says)."""
     kind = kind_of(layer)
     weight = kind.weight(layer)
     bias = getattr(layer, "bias", None)
@@ -259,7 +287,16 @@ def merged_layer(layer: nn.Module, adapters: Sequence[str], *, safe: bool) -> nn
                 f"merging adapter {branch.adapter!r} into {branch.target} gives non-finite "
                 "weights; the adapter seems broken"
             )
-    new = kind.with_weights(layer, weight, bias)
+    how = quantized or QuantizedMerge()
+    if kind.quantized and how.mode == "requantize":
+        new, error = kind.requantize(layer, weight, bias)
+        targets = [b.target for b in branches_of(layer, adapters)]
+        how.errors[targets[0] if targets else ""] = error
+    else:
+        if kind.quantized and how.dtype is not None:
+            weight = weight.to(how.dtype)
+            bias = None if bias is None else bias.to(how.dtype)
+        new = kind.with_weights(layer, weight, bias)
     new._modules = {k: m for k, m in new._modules.items() if not isinstance(m, Branch)}
     return new
 

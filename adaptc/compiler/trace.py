@@ -29,6 +29,7 @@ from torch.fx._symbolic_trace import PH, _assert_is_none
 from adaptc.compiler.codecache import CachedGraphModule
 from adaptc.compiler.passes import emit_branches
 from adaptc.compiler.patterns import PatternGraphModule, Patterns, kind, sensitive_parameters
+from adaptc.layers import find_kind
 
 __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
 
@@ -62,7 +63,10 @@ class _LeafTracer(fx.Tracer):
         self.leaves = leaves or set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        if id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name):
+            return True
+        found = find_kind(m)  # a quantized layer runs as its backend's module: never entered
+        return found is not None and found.quantized
 
 
 def frontier(

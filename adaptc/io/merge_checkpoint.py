@@ -67,6 +67,7 @@ class MergeReport:
     merged: int  # weights (and biases) that became W + s·ΔW
     replaced: int = 0  # tensors taken from the adapter (saved modules, trained biases)
     adapter: str = "default"
+    dequantized: int = 0  # weights of a quantized base written as W_deq (no update)
 
 
 def merge_checkpoint(
@@ -101,7 +102,9 @@ def merge_checkpoint(
                 continue
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
-    return MergeReport(out, len(shards), count, merger.merged, merger.replaced, name)
+    return MergeReport(
+        out, len(shards), count, merger.merged, merger.replaced, name, merger.dequantized
+    )
 
 
 def merge_in_memory(

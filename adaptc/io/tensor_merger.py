@@ -34,6 +34,7 @@ from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import method
 from adaptc.plan.plan import PlannedTarget
+from adaptc.quantize import quantized_layers, roundtrip
 from adaptc.spec import Spec
 
 __all__ = ["DTYPES", "TensorMerger", "read_header"]
@@ -78,6 +79,11 @@ class _Merge:
 
 
 @dataclass(frozen=True)
+class _Dequantize:
+    """A weight the quantized base computes with dequantized (``W_deq``), no update."""
+
+
+@dataclass(frozen=True)
 class _Copy:
     """The adapter's tensor under ``key`` (a saved module's copy, a trained bias)."""
 
@@ -113,7 +119,7 @@ class TensorMerger:
         self.targets: dict[str, PlannedTarget] = {
             t.path: t for t in info.plan.targets if t.adapter == adapter
         }
-        self.ops: dict[str, _Merge | _Copy] = {}  # model key (of ``meta``) -> what replaces it
+        self.ops: dict[str, _Merge | _Copy | _Dequantize] = {}  # model key -> its new value
         lora = {f"{PREFIX}{b.target}.{n}" for b in self.branches.values() for n, _ in
                 b.file_tensors()}  # fmt: skip
         for path, branch in self.branches.items():
@@ -130,9 +136,17 @@ class TensorMerger:
                 self.ops[model_key] = _Merge(existing.path, existing.attr, base=key)
             else:
                 self.ops[model_key] = _Copy(key)
+        # a quantized base: the checkpoint holds W_deq for every layer it quantizes, so the
+        # merged model computes what the adapter was trained on
+        self.quantization = spec.base_model.quantization if spec.base_model else None
+        self.quantized: set[str] = set()
+        if self.quantization is not None:
+            self.quantized = {f"{p}.weight" for p in quantized_layers(meta, self.quantization)}
+            for key in self.quantized:
+                self.ops.setdefault(key, _Dequantize())
         self.by_checkpoint_key: dict[str, str] = {}
         self.headers: dict[str, tuple[int, bytes, dict[str, Any]]] = {}  # shard -> header
-        self.merged = self.replaced = 0
+        self.merged = self.replaced = self.dequantized = 0
 
     @classmethod
     def fit(
@@ -179,6 +193,13 @@ class TensorMerger:
         )
 
     def _check_mergeable(self, name: str) -> None:
+        q = self.quantization
+        if q is not None and q.merge == "requantize":
+            raise AdapterLoadError(
+                f"{name}: its spec asks for a requantized merge (base_model.quantization.merge),"
+                " which a streamed checkpoint cannot hold yet; set merge: dequantize for a "
+                "float checkpoint, or use adaptc.merge(model, quantized='requantize')"
+            )
         for path, branch in self.branches.items():
             if branch.lora_bias and getattr(self.layers[path], "bias", None) is None:
                 raise AdapterLoadError(
@@ -200,7 +221,7 @@ class TensorMerger:
                 if op is None:
                     continue
                 if str(entry["dtype"]) not in DTYPES or (
-                    isinstance(op, _Merge) and str(entry["dtype"]) not in _FLOATS
+                    isinstance(op, (_Merge, _Dequantize)) and str(entry["dtype"]) not in _FLOATS
                 ):
                     raise AdapterLoadError(
                         f"{source / shard}: {key} has dtype {entry['dtype']}, which the merge "
@@ -218,7 +239,11 @@ class TensorMerger:
         absent = sorted(set(self.ops) - set(self.by_checkpoint_key.values()))
         if absent:
             op = self.ops[absent[0]]
-            what = "an adapted weight" if isinstance(op, _Merge) else f"the adapter's {op.key}"
+            what = (
+                "an adapted weight" if isinstance(op, _Merge)
+                else "a quantized weight" if isinstance(op, _Dequantize)
+                else f"the adapter's {op.key}"
+            )  # fmt: skip
             raise AdapterLoadError(
                 f"the checkpoint {source} holds no tensor {absent[0]} ({what}; a tied or "
                 f"missing weight?): {len(absent)} such tensor(s), nothing written"
@@ -235,6 +260,12 @@ class TensorMerger:
         if isinstance(op, _Copy):
             self.replaced += 1
             return self.tensors[op.key].detach().to(tensor.dtype).contiguous()
+        if model_key in self.quantized:  # what the quantized base computes with
+            tensor = roundtrip(tensor, self.quantization)
+            if isinstance(op, _Dequantize):
+                self.dequantized += 1
+                return tensor.contiguous()
+        assert isinstance(op, _Merge)
         base = tensor if op.base is None else self.tensors[op.base].to(tensor.dtype)
         layer = self._twin(op.path, op.attr, base)
         merged = merged_layer(layer, [self.adapter], safe=True)

@@ -12,12 +12,19 @@ from adaptc.layers.base import (
     register,
     share_parameter,
 )
-from adaptc.layers.bnb import Bnb8bitKind
+from adaptc.layers.bnb import Bnb4bitKind, Bnb8bitKind
+from adaptc.layers.hqq import HqqKind
 from adaptc.layers.mha import MultiheadAttentionKind
+from adaptc.layers.quanto import QuantoKind
 from adaptc.layers.standard import Conv1DKind, ConvKind, EmbeddingKind, LinearKind
+from adaptc.layers.torchao import TorchaoKind
 
 # First match wins: specific kinds before general ones.
 register(Bnb8bitKind())  # before nn.Linear, its base class
+register(Bnb4bitKind())
+register(QuantoKind())  # before nn.Linear, its base class
+register(TorchaoKind())  # an nn.Linear with a torchao weight
+register(HqqKind())
 register(Conv1DKind())
 register(LinearKind())
 register(EmbeddingKind())
@@ -27,13 +34,17 @@ register(ConvKind("nn.Conv3d", nn.Conv3d))
 register(MultiheadAttentionKind())
 
 __all__ = [
+    "Bnb4bitKind",
     "Bnb8bitKind",
     "Conv1DKind",
     "ConvKind",
     "EmbeddingKind",
+    "HqqKind",
     "LayerKind",
     "LinearKind",
     "MultiheadAttentionKind",
+    "QuantoKind",
+    "TorchaoKind",
     "UnsupportedLayerError",
     "find_kind",
     "kind_names",

@@ -46,6 +46,7 @@ class LayerKind:
     name: str
     layer_type: type[nn.Module]
     linear: bool = False  # a linear layer: selected by `all-linear` (PEFT's rule)
+    quantized: bool = False  # its weight is quantized: a merge dequantizes or requantizes
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.layer_type)
@@ -75,6 +76,12 @@ class LayerKind:
         a kind whose parameters carry state, such as a quantized one, keeps it)."""
         return share_parameter(param)
 
+    def meta_parameter(self, module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
+        """A stand-in for ``param`` on the meta device (planning builds a branch on a meta
+        twin of the layer to count its parameters); a kind whose tensor subclass has no
+        ``empty_like`` gives a plain tensor its :meth:`weight` reads."""
+        return nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+
     def share_state(self, module: nn.Module, state: dict[str, Any]) -> None:
         """Give the compiled model's copy of ``module`` (its ``__dict__``, ``state``) its own
         mutable state where the layer keeps some besides its tensors (a quantized layer's
@@ -98,6 +105,19 @@ class LayerKind:
             if hooks in new.__dict__:
                 new.__dict__[hooks] = copy.copy(new.__dict__[hooks])
         return new
+
+    def requantize(
+        self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[nn.Module, float]:
+        """The merged layer quantized again in ``module``'s format, and the largest absolute
+        error of its dequantized weight against ``weight`` (requantizing is lossy). A float
+        kind writes ``weight`` as it is (error 0)."""
+        if self.quantized:
+            raise ValueError(
+                f"merged {self.name} layers cannot be requantized yet; merge with "
+                "quantized='dequantize' (a float layer holding W_deq + s·ΔW)"
+            )
+        return self.with_weights(module, weight, bias), 0.0
 
 
 _KINDS: list[LayerKind] = []

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptc.counting import parameter_count
 from adaptc.layers import LayerKind, find_kind
 from adaptc.methods.base import Method, Settings
 from adaptc.methods.registry import method
@@ -203,7 +204,7 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
             bias_paths.update(n for n, _ in model.named_parameters() if _is_bias(n))
     named = dict(model.named_parameters())
     biases = tuple((p, named[p].numel()) for p in sorted(bias_paths) if p in named)
-    base = sum(p.numel() for p in model.parameters())
+    base = sum(parameter_count(p) for p in model.parameters())
     return Plan(tuple(targets), tuple(saved), biases, base, tuple(dict.fromkeys(warnings)))
 
 
@@ -225,7 +226,7 @@ def plan_target(
     shapes = tuple((k, tuple(p.shape)) for k, p in module.named_parameters(recurse=False))
     key = (entry.name, kind.name, type(module), shapes, replace(settings, target="", adapter=""))  # type: ignore[type-var]
     if key not in _PARAM_COUNTS:  # layers of one shape have one count: build one meta branch
-        branch, _ = entry.make_branch(kind, _meta_twin(module), settings)
+        branch, _ = entry.make_branch(kind, _meta_twin(kind, module), settings)
         tensors = list(branch.parameters())
         frozen = sum(p.numel() for p in tensors if not p.requires_grad)
         _PARAM_COUNTS[key] = (sum(p.numel() for p in tensors), frozen)
@@ -246,11 +247,11 @@ def plan_target(
 _PARAM_COUNTS: dict[tuple[Any, ...], tuple[int, int]] = {}  # (params, frozen_params)
 
 
-def _meta_twin(module: nn.Module) -> nn.Module:
+def _meta_twin(kind: LayerKind, module: nn.Module) -> nn.Module:
     """A shallow copy of a leaf whose tensors live on the meta device (for counting)."""
     twin = copy.copy(module)
     twin._parameters = {
-        k: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        k: None if p is None else kind.meta_parameter(module, k, p)
         for k, p in module._parameters.items()
     }
     twin._buffers = {

@@ -25,6 +25,10 @@ _AFTER_METHODS = (
     ("TypeTargets", "Selector `kind: types`"),
     ("LayerSelection", "`layers`"),
     ("BaseModelRef", "`base_model`"),
+    ("BitsAndBytesQuantization", "`base_model.quantization` with `method: bitsandbytes`"),
+    ("TorchaoQuantization", "`base_model.quantization` with `method: torchao`"),
+    ("HqqQuantization", "`base_model.quantization` with `method: hqq`"),
+    ("QuantoQuantization", "`base_model.quantization` with `method: quanto`"),
 )
 
 

@@ -242,7 +242,9 @@ def _message(err: ErrorDetails, loc: Loc, model: Any, parent: Any, root: type[Ba
         if kind == "union_tag_not_found":
             return f"missing {field!r} (one of: {options})"
         tag = str(ctx.get("tag"))
-        what = "adapter method" if field == "method" else field
+        what = field
+        if field == "method":  # an adapter's method, or a quantization backend
+            what = "quantization method" if loc[-1] == "quantization" else "adapter method"
         return f"unknown {what} {_clipped(tag)}; expected one of: {options}" + _did_you_mean(
             tag, tags
         )

@@ -70,6 +70,10 @@ LAYER_TYPES = (
     "nn.MultiheadAttention",
     "transformers.Conv1D",
     "bnb.Linear8bitLt",
+    "bnb.Linear4bit",
+    "torchao.Linear",
+    "quanto.QLinear",
+    "hqq.HQQLinear",
 )
 
 

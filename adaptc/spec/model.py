@@ -44,6 +44,7 @@ from adaptc.spec.fields import (
     closed,
 )
 from adaptc.spec.method import method_spec, method_specs
+from adaptc.spec.quantization import Quantization
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
@@ -100,6 +101,11 @@ class BaseModelRef(BaseModel):
     )
     revision: Annotated[StrictStr, StringConstraints(min_length=1)] | None = Field(
         default=None, description="Hub revision (branch, tag or commit) of `name`."
+    )
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Load the base quantized (QLoRA): one of `method: bitsandbytes`, "
+        "`torchao`, `hqq`, `quanto`, with that backend's settings.",
     )
 
 

@@ -124,7 +124,7 @@ def test_merging_in_place_is_refused_and_changes_nothing(pair):
 
 
 def test_base_inits_and_dora_are_refused(checkpoint):
-    for extra, match in (({"init": "pissa"}, "not available on 8-bit"),
+    for extra, match in (({"init": "pissa"}, "not available on bnb.Linear8bitLt"),
                          ({"use_dora": True}, "not available for bnb.Linear8bitLt")):  # fmt: skip
         spec = {"version": 1, "adapters": {"default": {
             "targets": {"kind": "names", "names": ["q_proj"]}, **extra}}}  # fmt: skip

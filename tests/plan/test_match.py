@@ -301,11 +301,12 @@ ERRORS: list[tuple[str, str, dict[str, Any], str | None, str, bool]] = [
      "[self_attn], but it is a container, not a layer: select its layers instead (e.g. "
      "'model.decoder.layers.0.self_attn.k_proj'); supported: nn.Linear, nn.Embedding, "
      "nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, transformers.Conv1D, "
-     "bnb.Linear8bitLt", True),
+     "bnb.Linear8bitLt, bnb.Linear4bit, torchao.Linear, quanto.QLinear, hqq.HQQLinear", True),
     ("unsupported-leaf", "mlp", {T: names("norm")}, None,
      "module 'norm' (LayerNorm) is selected by targets.names [norm], but LoRA does not support "
      "its type; supported: nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, "
-     "nn.MultiheadAttention, transformers.Conv1D, bnb.Linear8bitLt", True),
+     "nn.MultiheadAttention, transformers.Conv1D, bnb.Linear8bitLt, bnb.Linear4bit, "
+     "torchao.Linear, quanto.QLinear, hqq.HQQLinear", True),
     ("all-excluded", "opt", {T: names("q_proj"), X: regex(".*")}, None,
      "targets.names [q_proj] matched 2 module(s) of OPTForCausalLM, but none is left: "
      "exclude removed 2", True),

@@ -79,6 +79,23 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _float_input(graph: fx.Graph, call: fx.Node) -> fx.Node:
+    """Make the layer ``call`` read its input cast to float32 (``x.to(torch.float32)``), as
+    PEFT's bitsandbytes IA3 layers do; return the input. PEFT then leaves the output in
+    float32, which breaks a bfloat16 model (its attention gets mixed dtypes); the graph
+    casts it back to the input's dtype (``type_as``), the same in float32."""
+    keyword = None if call.args else next(iter(call.kwargs))
+    inp = call.args[0] if keyword is None else call.kwargs[keyword]
+    assert isinstance(inp, fx.Node), "the layer's input is not a node"
+    with graph.inserting_before(call):
+        cast = graph.call_method("to", (inp, torch.float32))
+    if keyword is None:
+        call.args = (cast, *call.args[1:])
+    else:
+        call.kwargs = {**call.kwargs, keyword: cast}
+    return inp
+
+
 def _ia3(settings: Settings) -> IA3Settings:
     assert isinstance(settings, IA3Settings), type(settings).__name__
     return settings
@@ -96,7 +113,10 @@ class IA3Method(Method):
     title = "IA3"
     prefix = "ia3_"
     branch_type = IA3Branch
-    kinds = ("nn.Linear", "transformers.Conv1D", "nn.Conv2d", "nn.Conv3d")  # PEFT's IA3Model
+    kinds = (  # PEFT's IA3Model: its layers, and bitsandbytes' (peft/tuners/ia3/bnb.py)
+        "nn.Linear", "transformers.Conv1D", "nn.Conv2d", "nn.Conv3d", "bnb.Linear8bitLt",
+        "bnb.Linear4bit",
+    )  # fmt: skip
     default_targets = IA3_TARGET_MODULES  # PEFT's, by config.model_type
 
     # --- model-type defaults (PEFT's _prepare_adapter_config) --------------------------
@@ -170,7 +190,8 @@ class IA3Method(Method):
             data = torch.randn(shape)
             if s.init == "ones":
                 data.fill_(1.0)
-            if weight.dtype.is_floating_point or weight.dtype.is_complex:
+            # (a quantized layer's weight is int8/uint8 to PEFT: the vector stays float32)
+            if (weight.dtype.is_floating_point or weight.dtype.is_complex) and not kind.quantized:
                 data = data.to(weight.dtype)
             data = data.to(weight.device, dtype)
         branch = IA3Branch(
@@ -230,6 +251,10 @@ class IA3Method(Method):
         b = _branch(branch)
         compute = kind.compute_dtype(base)
         cast = b.ia3_l.dtype != compute
+        back: fx.Node | None = None  # a quantized layer's: the input, whose dtype comes back
+        if kind.quantized:  # PEFT's bitsandbytes IA3: the layer reads x as float32
+            back = _float_input(graph, call)
+            cast = False
 
         def vector() -> fx.Node:
             node = graph.get_attr(f"{branch_path}.{PARAMETER}")
@@ -248,11 +273,16 @@ class IA3Method(Method):
                 call.args = (scaled, *call.args[1:])
             else:
                 call.kwargs = {**call.kwargs, keyword: scaled}
-            return current
+            if back is None:
+                return current
+            with graph.inserting_before(current.next):
+                return graph.call_method("type_as", (current, back))
         with graph.inserting_before(current.next):
             out = graph.call_function(operator.mul, (current, vector()))
             if cast:
                 out = graph.call_method("to", (out, compute))
+            if back is not None:
+                out = graph.call_method("type_as", (out, back))
         return out
 
     # --- merge --------------------------------------------------------------------------

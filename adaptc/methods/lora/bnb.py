@@ -1,4 +1,5 @@
-"""LoRA on bitsandbytes' 8-bit linear layers (PEFT's ``lora.bnb.Linear8bitLt``).
+"""LoRA on bitsandbytes' 8-bit and 4-bit linear layers (PEFT's ``lora.bnb.Linear8bitLt``
+and ``lora.bnb.Linear4bit``: QLoRA).
 
 The branch is a linear branch (``lora_A``/``lora_B``, float32, PEFT's file keys), applied
 to the layer's input; only the casts differ, in PEFT's order for bitsandbytes: ``x`` to
@@ -12,9 +13,11 @@ result's dtype follows the input at run time, the int8 weight says nothing of it
     type_as = q_proj_lora_default_lora_b.type_as(q_proj)
     add = q_proj + type_as
 
-A merge dequantizes the weight and gives a float ``nn.Linear`` (``W_deq + s·ΔW``).
-Inits that read or rewrite the base weight (PiSSA, OLoRA, MiCA) and variants (DoRA) are
-not available on these layers yet.
+(PEFT's 4-bit layer clones the base result first, for its in-place add; the graph's add
+is not in place.) A merge dequantizes the weight and gives a float ``nn.Linear``
+(``W_deq + s·ΔW``). Inits that read or rewrite the base weight (PiSSA, OLoRA, MiCA) are
+not available on these layers yet; DoRA is a variant registered for them
+(:mod:`adaptc.methods.lora.dora_quantized`).
 """
 
 from __future__ import annotations
@@ -26,20 +29,20 @@ from adaptc.methods.lora.emit import emit_linear_branch
 from adaptc.methods.lora.linear import LinearRule
 from adaptc.methods.lora.rule import BranchConfig
 
-__all__ = ["Bnb8bitRule"]
+__all__ = ["BnbRule"]
 
 _BASE_INITS = ("pissa", "olora", "mica")  # they read or rewrite the (quantized) weight
 
 
-class Bnb8bitRule(LinearRule):
+class BnbRule(LinearRule):
     """See the module docstring."""
 
     def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
         super().refuse(module, cfg)
         if cfg.init in _BASE_INITS:
             raise ValueError(
-                f"{cfg.target}: init {cfg.init!r} is not available on 8-bit (bitsandbytes) "
-                "layers yet"
+                f"{cfg.target}: init {cfg.init!r} is not available on {self.kind.name} "
+                "(quantized) layers yet"
             )
 
     def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:

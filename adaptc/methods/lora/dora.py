@@ -335,8 +335,7 @@ class DoraLinear(_Dora):
         self, rule: LoraRule, module: nn.Module, cfg: BranchConfig
     ) -> tuple[LoraBranch, dict[str, torch.Tensor]]:
         _check_bias(cfg)
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
+        weight = rule.kind.weight(module)  # dequantized, for a quantized kind
         plain, replaced = make_linear_branch(rule, module, cfg)
         A, B = plain.factors()
         base = replaced.get("weight", weight)

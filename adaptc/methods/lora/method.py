@@ -11,13 +11,14 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind, find_kind, kinds
 from adaptc.methods.base import Branch, Method, Settings
-from adaptc.methods.lora import alora, dora  # their variants register on import
-from adaptc.methods.lora.bnb import Bnb8bitRule
+from adaptc.methods.lora import alora, dora, dora_bnb  # noqa: F401  (variants register on import)
+from adaptc.methods.lora.bnb import BnbRule
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.conv import ConvRule
 from adaptc.methods.lora.embedding import EmbeddingRule
 from adaptc.methods.lora.linear import LinearRule
 from adaptc.methods.lora.mha import MultiheadAttentionRule
+from adaptc.methods.lora.quantized import HqqRule, QuantizedRule, TorchaoRule
 from adaptc.methods.lora.rule import BranchConfig, LoraRule
 from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.methods.lora.targets import LORA_TARGET_MODULES
@@ -26,7 +27,11 @@ __all__ = ["METHOD", "LoraMethod", "pattern_value", "rule_for"]
 
 # LoRA's rule for each layer kind it supports (PEFT's lora.Linear, lora.Conv2d, …)
 _RULE_TYPES: dict[str, type[LoraRule]] = {
-    "bnb.Linear8bitLt": Bnb8bitRule,
+    "bnb.Linear8bitLt": BnbRule,
+    "bnb.Linear4bit": BnbRule,
+    "quanto.QLinear": QuantizedRule,
+    "torchao.Linear": TorchaoRule,
+    "hqq.HQQLinear": HqqRule,
     "nn.Linear": LinearRule,
     "transformers.Conv1D": LinearRule,
     "nn.Embedding": EmbeddingRule,
