@@ -68,7 +68,7 @@ def qlora_pair(path: Path, dtype: torch.dtype, device: str) -> tuple[Any, torch.
                 p.copy_(torch.randn_like(p) * 0.01)
     with tempfile.TemporaryDirectory() as tmp:
         theirs.save_pretrained(tmp)
-        ours = adaptc.load_adapter(load_4bit(path, dtype, device), tmp, is_trainable=True)
+        ours = adaptc.load_adapter(load_4bit(path, dtype, device), tmp, trainable=True)
     return theirs, ours
 
 
