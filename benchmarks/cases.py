@@ -261,8 +261,12 @@ _MEMORY_SCRIPT = textwrap.dedent(
     torch.set_num_threads(2)
     device, dtype = sys.argv[5], getattr(torch, sys.argv[6])
     s = Settings(hidden=int(sys.argv[3]), layers=int(sys.argv[4]), device=device, dtype=dtype)
-    _, theirs, ours = pair(s)
-    model = ours if sys.argv[1] == "adaptc" else theirs
+    if len(sys.argv) > 7:  # a checkpoint to load 4-bit (benchmarks/qlora.py)
+        from qlora import qlora_pair
+        theirs, ours = qlora_pair(sys.argv[7], dtype, device)
+    else:
+        _, theirs, ours = pair(s)
+    model = ours if sys.argv[1] == "adaptc" else theirs  # both stay alive, in both runs
     model.train()
     x = inputs(s, 128, batch=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -292,29 +296,34 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 
 def train_memory(s: Settings) -> dict[str, Any]:
-    from pathlib import Path
-
     here = str(Path(__file__).resolve().parent)
-    # on the CPU, tensors of 64 KiB and more get their own mappings (freed at once), so the
-    # resident high-water mark follows live tensors, not malloc's caches; the least of
-    # two runs drops what the rest of the process adds by chance
+    args = [here, str(s.hidden), str(s.layers), s.device, str(s.dtype).removeprefix("torch.")]
+    peaks = peak_memory(_MEMORY_SCRIPT, args)
+    ratio = peaks["adaptc"] / peaks["peft"] if peaks["peft"] else None
+    return row(
+        "train-step-peak-memory", "bytes", peaks["adaptc"], peaks["peft"], None, ratio, "<=0.9"
+    )
+
+
+def peak_memory(script: str, args: list[str]) -> dict[str, float]:
+    """``{"adaptc": bytes, "peft": bytes}``: the least of two runs of ``script`` per library
+    (``python -c script WHO *args``; it prints ``{"peak": bytes}`` last), each in a fresh
+    process. On the CPU, tensors of 64 KiB and more get their own mappings (freed at once),
+    so the resident high-water mark follows live tensors, not malloc's caches; the least of
+    two runs drops what the rest of the process adds by chance."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
     peaks: dict[str, float] = {}
     for who in ("adaptc", "peft"):
         for _ in range(2):
             proc = subprocess.run(
-                [sys.executable, "-c", _MEMORY_SCRIPT, who, here, str(s.hidden), str(s.layers),
-                 s.device, str(s.dtype).removeprefix("torch.")],
-                capture_output=True, text=True, timeout=600, env=env,
+                [sys.executable, "-c", script, who, *args],
+                capture_output=True, text=True, timeout=900, env=env,
             )  # fmt: skip
             if proc.returncode:
                 raise RuntimeError(f"memory run for {who} failed:\n{proc.stderr[-3000:]}")
             peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
             peaks[who] = min(peaks.get(who, peak), peak)
-    ratio = peaks["adaptc"] / peaks["peft"] if peaks["peft"] else None
-    return row(
-        "train-step-peak-memory", "bytes", peaks["adaptc"], peaks["peft"], None, ratio, "<=0.9"
-    )
+    return peaks
 
 
 def compiled_inference(s: Settings) -> dict[str, Any]:

@@ -13,12 +13,7 @@ The base is the harness's Llama (``Settings.llama``) saved once and loaded with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -94,60 +89,12 @@ def train_step(s: Any) -> dict[str, Any]:
     return row("qlora-train-step", "s", t["ours"], t["theirs"], None, ratio, "<=0.9")
 
 
-_MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    sys.path.insert(0, sys.argv[2])
-    from cases import Settings, inputs
-    from qlora import qlora_pair
-    torch.set_num_threads(2)
-    device, dtype = sys.argv[5], getattr(torch, sys.argv[6])
-    s = Settings(hidden=int(sys.argv[3]), layers=int(sys.argv[4]), device=device, dtype=dtype)
-    theirs, ours = qlora_pair(sys.argv[7], dtype, device)
-    model = ours if sys.argv[1] == "adaptc" else theirs
-    del theirs, ours
-    model.train()
-    x = inputs(s, 128, batch=2)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    import gc; gc.collect()
-    def status(key):
-        with open("/proc/self/status") as fh:
-            return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
-    if device == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        before = status("VmRSS:")
-    for _ in range(2):
-        model(**x, labels=x["input_ids"]).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = status("VmHWM:")
-    print(json.dumps({"peak": peak - before}))
-    """
-)
-
-
 def train_memory(s: Any) -> dict[str, Any]:
-    from cases import row
+    from cases import _MEMORY_SCRIPT, peak_memory, row
 
-    path = checkpoint(s)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
-    peaks: dict[str, float] = {}
-    for who in ("adaptc", "peft"):
-        for _ in range(2):  # the least of two runs
-            proc = subprocess.run(
-                [sys.executable, "-c", _MEMORY_SCRIPT, who, str(HERE), str(s.hidden),
-                 str(s.layers), s.device, str(s.dtype).removeprefix("torch."), str(path)],
-                capture_output=True, text=True, timeout=900, env=env,
-            )  # fmt: skip
-            if proc.returncode:
-                raise RuntimeError(f"QLoRA memory run for {who} failed:\n{proc.stderr[-3000:]}")
-            peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
-            peaks[who] = min(peaks.get(who, peak), peak)
+    args = [str(HERE), str(s.hidden), str(s.layers), s.device,
+            str(s.dtype).removeprefix("torch."), str(checkpoint(s))]  # fmt: skip
+    peaks = peak_memory(_MEMORY_SCRIPT, args)
     ratio = peaks["adaptc"] / peaks["peft"] if peaks["peft"] else None
     return row(
         "qlora-train-step-peak-memory", "bytes", peaks["adaptc"], peaks["peft"], None, ratio,

@@ -16,6 +16,7 @@ from torch import nn
 import adaptc
 from adaptc.quantize import from_pretrained_kwargs, quantized_bytes, quantized_layers, roundtrip
 from adaptc.spec.quantization import BitsAndBytesQuantization, TorchaoQuantization
+from tests.compiler.models import save_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -27,14 +28,7 @@ CONFIG = {"r": 4, "target_modules": ["q_proj", "down_proj"], "init_lora_weights"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_llama(tmp_path_factory.mktemp("llama"))
 
 
 def load(path: Path, q: BitsAndBytesQuantization) -> nn.Module:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.layers.quantized import QuantizedLinearKind, from_package
+from adaptc.layers.quantized import QuantizedLinearKind, float_linear, from_package
 
 __all__ = ["HqqKind"]
 
@@ -54,3 +54,20 @@ class HqqKind(QuantizedLinearKind):
     def share_state(self, module: nn.Module, state: dict[str, Any]) -> None:
         if isinstance(state.get("meta"), dict):
             state["meta"] = dict(state["meta"])  # the same tensors, its own entries
+
+    def requantize(
+        self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[nn.Module, float]:
+        """A new ``HQQLinear`` holding ``weight`` quantized with the layer's quantization
+        config and compute dtype, as PEFT's ``HqqLoraLinear`` merge builds it."""
+        from hqq.core.quantize import HQQLinear
+
+        layer: Any = module
+        linear = float_linear(module, self.features(module), weight, bias)
+        config = {**copy.deepcopy(layer.quant_config), "offload_meta": layer.offload_meta}
+        new: Any = HQQLinear(
+            linear, quant_config=config, compute_dtype=layer.compute_dtype,
+            device=str(weight.device),
+        )  # fmt: skip
+        new.requires_grad_(False)
+        return new, float((self.weight(new) - weight.to(layer.compute_dtype)).abs().max())

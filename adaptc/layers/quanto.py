@@ -10,7 +10,8 @@ The compiled model's weight is a new Parameter over a ``detach()`` of the quanti
 tensor: the same inner tensors (``_data``, ``_scale``, ``_shift``). For a merge the weight
 the layer computes with (``qweight``) is dequantized, and the merged layer is a plain
 float ``nn.Linear``: a ``QLinear`` holding the merged float weight would quantize it again
-on each forward, rounding the update away.
+on each forward, rounding the update away. A requantizing merge gives a frozen ``QLinear``
+of the same weight type instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptc.layers.quantized import QuantizedLinearKind, from_package
+from adaptc.layers.quantized import QuantizedLinearKind, float_linear, from_package
 
 __all__ = ["QuantoKind"]
 
@@ -45,3 +46,20 @@ class QuantoKind(QuantizedLinearKind):
             return weight  # type: ignore[no-any-return]
         out: torch.Tensor = qweight.dequantize() if hasattr(qweight, "dequantize") else qweight
         return out.detach()
+
+    def requantize(
+        self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[nn.Module, float]:
+        """A frozen ``QLinear`` holding ``weight`` quantized with the layer's weight type,
+        activation type and optimizer (what ``quantize`` + ``freeze`` give)."""
+        from optimum.quanto import QLinear
+
+        layer: Any = module
+        linear = float_linear(module, self.features(module), weight, bias)
+        new: Any = QLinear.from_module(
+            linear, weights=layer.weight_qtype, activations=layer.activation_qtype,
+            optimizer=layer.optimizer,
+        )  # fmt: skip
+        new.freeze()
+        new.requires_grad_(False)
+        return new, float((self.weight(new) - weight).abs().max())

@@ -15,6 +15,7 @@ import transformers as tf
 import adaptc
 from adaptc.cli import main
 from tests.cli.test_plan import LLAMA_70B
+from tests.compiler.models import save_llama
 
 pytest.importorskip("bitsandbytes")
 
@@ -30,14 +31,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_llama(tmp_path_factory.mktemp("llama"))
 
 
 def write_spec(path: Path, model: Path | str, **quantization) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -155,3 +157,18 @@ def hf_inputs(family: str) -> dict[str, torch.Tensor]:
     if family == "mt5":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (2, 5), generator=g)}
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def save_llama(path: Path, hidden: int = 128, layers: int = 1) -> Path:
+    """A small Llama checkpoint (seed 0) with room for quantized layers: in_features of 64
+    and more, out_features multiples of 32 (bitsandbytes' CPU kernel; torchao's and HQQ's
+    groups), several 64-value scale blocks per row when ``hidden`` ≥ 128."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import peft
+import pytest
 import torch
 import transformers as tf
 from torch import nn
@@ -111,3 +112,27 @@ def spec(**adapter: Any) -> dict[str, Any]:
     """An adaptc spec with one adapter on the q projections."""
     targets = {"kind": "names", "names": ["q_proj"]}
     return {"version": 1, "adapters": {"default": {"r": 4, "targets": targets, **adapter}}}
+
+
+def inner(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a tensor subclass is made of (torchao's qdata, scale, …;
+    quanto's _data, _scale, _shift)."""
+    names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
+    return [getattr(weight, n) for n in names]
+
+
+def assert_merging_in_place_is_refused(mine: Any) -> None:
+    """``merge_adapter()`` raises and leaves the outputs as they were."""
+    before = logits(mine)
+    with pytest.raises(ValueError, match="cannot be merged in place"):
+        mine.merge_adapter()
+    torch.testing.assert_close(logits(mine), before, rtol=0, atol=0)
+
+
+def assert_refused(build: Callable[[], nn.Module], cases: list[tuple[dict[str, Any], str]]) -> None:
+    """Compiling ``spec(**extra)`` onto a fresh ``build()`` fails with ``match`` each time."""
+    import adaptc
+
+    for extra, match in cases:
+        with pytest.raises(adaptc.CompileError, match=match):
+            adaptc.compile(build(), spec(**extra))

@@ -23,6 +23,7 @@ from torch import nn
 
 import adaptc
 import adaptc.peft as ap
+from tests.compiler.models import save_llama, tiny_hf
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -46,14 +47,7 @@ SETTINGS = {
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose layers bitsandbytes' CPU kernel could repack (in_features ≥ 64,
     out_features a multiple of 32; scales of several blocks per row)."""
-    path = tmp_path_factory.mktemp("llama4bit")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_llama(tmp_path_factory.mktemp("llama4bit"))
 
 
 def load_4bit(path: Path, setting: str = "nf4-double-fp32") -> nn.Module:
@@ -280,7 +274,6 @@ def test_a_base_repacked_before_compiling_is_unpacked_correctly(checkpoint, sett
 
 
 def test_small_layers_run_where_the_repacked_kernel_fails(tmp_path):
-    from tests.compiler.models import tiny_hf
 
     tiny_hf("llama").save_pretrained(tmp_path)  # hidden size 16: too small for the kernel
     config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)

@@ -18,7 +18,9 @@ import adaptc.peft as ap
 from tests.layers._quantized import (
     Quantize,
     assert_files_both_ways,
+    assert_merging_in_place_is_refused,
     assert_parity,
+    assert_refused,
     expected_merge,
     layer_and_branch,
     logits,
@@ -114,21 +116,15 @@ def test_merge_dequantizes(tmp_path):
 
 
 def test_merging_in_place_is_refused_and_changes_nothing(tmp_path):
-    _, _, mine = pair(hqq_bits(4), tmp_path)
-    before = logits(mine)
-    with pytest.raises(ValueError, match="cannot be merged in place"):
-        mine.merge_adapter()
-    torch.testing.assert_close(logits(mine), before, rtol=0, atol=0)
+    assert_merging_in_place_is_refused(pair(hqq_bits(4), tmp_path)[2])
 
 
 def test_base_inits_lora_bias_and_dora_are_refused():
-    for extra, match in (
+    assert_refused(lambda: tiny_llama(hqq_bits(4)), [
         ({"init": "mica"}, "init 'mica' is not available on hqq.HQQLinear"),
         ({"lora_bias": True}, "lora_bias is not available on hqq.HQQLinear"),
         ({"use_dora": True}, "not available for hqq.HQQLinear"),
-    ):
-        with pytest.raises(adaptc.CompileError, match=match):
-            adaptc.compile(tiny_llama(hqq_bits(4)), spec(**extra))
+    ])  # fmt: skip
 
 
 def test_all_linear_selects_what_peft_selects():
@@ -137,3 +133,17 @@ def test_all_linear_selects_what_peft_selects():
     for lib in (peft, ap):
         with quiet(), pytest.raises(ValueError, match=r"(?i)target"):
             lib.get_peft_model(tiny_llama(hqq_bits(4)), lib.LoraConfig(target_modules="all-linear"))
+
+
+def test_a_requantizing_merge_gives_hqq_layers_and_reports_the_error():
+    model = adaptc.compile(tiny_llama(hqq_bits(4)), spec(init="random"))
+    errors: dict[str, float] = {}
+    with pytest.warns(adaptc.AdaptcWarning, match="requantized 2 merged layer"):
+        merged = adaptc.merge(model, quantized="requantize", errors=errors)
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert (
+        type(layer).__name__ == "HQQLinear"
+        and layer.quant_config["weight_quant_params"]["nbits"] == 4
+    )
+    assert len(errors) == 2 and 0 < max(errors.values()) < 0.1  # q_proj in 2 layers
+    torch.testing.assert_close(logits(merged), logits(model), rtol=0.05, atol=0.05)

@@ -14,8 +14,11 @@ import adaptc
 import adaptc.peft as ap
 from tests.layers._quantized import (
     assert_files_both_ways,
+    assert_merging_in_place_is_refused,
     assert_parity,
+    assert_refused,
     expected_merge,
+    inner,
     layer_and_branch,
     logits,
     pair,
@@ -36,12 +39,6 @@ def frozen(qtype: object) -> object:
 
 
 SCHEMES = {"qint8": frozen(quanto.qint8), "qint4": frozen(quanto.qint4)}
-
-
-def inner(weight: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors a quanto weight is made of (_data, _scale, _shift)."""
-    names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
-    return [getattr(weight, n) for n in names]
 
 
 @pytest.fixture(params=list(SCHEMES))
@@ -91,20 +88,14 @@ def test_merge_gives_a_float_linear(scheme, tmp_path):
 
 
 def test_merging_in_place_is_refused_and_changes_nothing(tmp_path):
-    _, _, mine = pair(SCHEMES["qint8"], tmp_path)
-    before = logits(mine)
-    with pytest.raises(ValueError, match="cannot be merged in place"):
-        mine.merge_adapter()
-    torch.testing.assert_close(logits(mine), before, rtol=0, atol=0)
+    assert_merging_in_place_is_refused(pair(SCHEMES["qint8"], tmp_path)[2])
 
 
 def test_base_inits_and_dora_are_refused():
-    for extra, match in (
+    assert_refused(lambda: tiny_llama(SCHEMES["qint8"]), [
         ({"init": "olora"}, "init 'olora' is not available on quanto.QLinear"),
         ({"use_dora": True}, "not available for quanto.QLinear"),
-    ):
-        with pytest.raises(adaptc.CompileError, match=match):
-            adaptc.compile(tiny_llama(SCHEMES["qint8"]), spec(**extra))
+    ])  # fmt: skip
 
 
 def test_all_linear_selects_what_peft_selects():
@@ -115,3 +106,14 @@ def test_all_linear_selects_what_peft_selects():
             model = lib.get_peft_model(tiny_llama(SCHEMES["qint4"]), config)
         names.append(sorted(model.targeted_module_names))
     assert names[1] == names[0] and len(names[0]) == 14  # 7 per layer, not lm_head
+
+
+def test_a_requantizing_merge_gives_frozen_qlinears_and_reports_the_error():
+    model = adaptc.compile(tiny_llama(SCHEMES["qint4"]), spec(init="random"))
+    errors: dict[str, float] = {}
+    with pytest.warns(adaptc.AdaptcWarning, match="requantized 2 merged layer"):
+        merged = adaptc.merge(model, quantized="requantize", errors=errors)
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "QLinear" and type(layer.weight).__name__ == "WeightQBitsTensor"
+    assert len(errors) == 2 and 0 < max(errors.values()) < 0.1  # q_proj in 2 layers
+    torch.testing.assert_close(logits(merged), logits(model), rtol=0.05, atol=0.05)

@@ -15,7 +15,9 @@ import adaptc.peft as ap
 from tests.layers._quantized import (
     assert_files_both_ways,
     assert_parity,
+    assert_refused,
     expected_merge,
+    inner,
     layer_and_branch,
     logits,
     pair,
@@ -57,12 +59,6 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
     if type(weight).__name__ == "NF4Tensor":
         return weight.get_original_weight()  # type: ignore[attr-defined,no-any-return]
     return weight.dequantize()
-
-
-def inner(weight: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors a torchao subclass is made of (qdata, scale, …)."""
-    names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
-    return [getattr(weight, n) for n in names]
 
 
 @pytest.fixture(params=list(SCHEMES))
@@ -122,13 +118,11 @@ def test_merge_dequantizes(scheme, tmp_path):
 
 
 def test_base_inits_lora_bias_and_dora_are_refused():
-    for extra, match in (
+    assert_refused(lambda: tiny_llama(int8), [
         ({"init": "pissa"}, "init 'pissa' is not available on torchao.Linear"),
         ({"lora_bias": True}, "lora_bias is not available on torchao.Linear"),
         ({"use_dora": True}, "not available for torchao.Linear"),
-    ):
-        with pytest.raises(adaptc.CompileError, match=match):
-            adaptc.compile(tiny_llama(int8), spec(**extra))
+    ])  # fmt: skip
 
 
 def test_nf4_takes_lora_bias_as_peft_does():  # peft's plain lora.Linear
@@ -161,3 +155,14 @@ def test_merging_in_place_holds_the_dequantized_weight_until_unmerged(tmp_path):
     assert torch.equal(logits(mine), before)
     assert type(layer.weight).__name__ == "Int8Tensor"
     assert type(base.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+
+
+def test_a_requantizing_merge_keeps_each_format_and_reports_the_error(scheme):
+    model = adaptc.compile(tiny_llama(SCHEMES[scheme]), spec(init="random"))
+    original = type(tiny_llama(SCHEMES[scheme]).model.layers[0].self_attn.q_proj.weight)
+    errors: dict[str, float] = {}
+    with pytest.warns(adaptc.AdaptcWarning, match="requantized 2 merged layer"):
+        merged = adaptc.merge(model, quantized="requantize", errors=errors)
+    assert type(merged.model.layers[0].self_attn.q_proj.weight) is original
+    assert len(errors) == 2 and 0 < max(errors.values()) < 0.1  # q_proj in 2 layers
+    torch.testing.assert_close(logits(merged), logits(model), rtol=0.05, atol=0.05)

@@ -15,6 +15,7 @@ from torch import nn
 
 import adaptc
 import adaptc.peft as ap
+from tests.compiler.models import save_llama
 
 pytest.importorskip("bitsandbytes")
 
@@ -25,14 +26,7 @@ CONFIG = {"target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["do
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_llama(tmp_path_factory.mktemp("llama"), hidden=64)
 
 
 def load(path: Path, bits: int, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -17,7 +17,7 @@ result's dtype follows the input at run time, the int8 weight says nothing of it
 is not in place.) A merge dequantizes the weight and gives a float ``nn.Linear``
 (``W_deq + s·ΔW``). Inits that read or rewrite the base weight (PiSSA, OLoRA, MiCA) are
 not available on these layers yet; DoRA is a variant registered for them
-(:mod:`adaptc.methods.lora.dora_quantized`).
+(:mod:`adaptc.methods.lora.dora_bnb`).
 """
 
 from __future__ import annotations
@@ -26,28 +26,13 @@ from torch import fx, nn
 
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.emit import emit_linear_branch
-from adaptc.methods.lora.linear import LinearRule
-from adaptc.methods.lora.rule import BranchConfig
+from adaptc.methods.lora.quantized import QuantizedRule
 
 __all__ = ["BnbRule"]
 
-_BASE_INITS = ("pissa", "olora", "mica")  # they read or rewrite the (quantized) weight
 
-
-class BnbRule(LinearRule):
-    """See the module docstring."""
-
-    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
-        super().refuse(module, cfg)
-        if cfg.init in _BASE_INITS:
-            raise ValueError(
-                f"{cfg.target}: init {cfg.init!r} is not available on {self.kind.name} "
-                "(quantized) layers yet"
-            )
-
-    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
-        self.refuse(module, cfg)
-        return super().check(module, cfg)
+class BnbRule(QuantizedRule):
+    """See the module docstring (what it refuses: :class:`QuantizedRule`)."""
 
     def emit_plain(
         self,
