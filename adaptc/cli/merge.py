@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptc.cli._common import add_command, fail
+from adaptc.cli._common import DTYPE_NAMES, add_command, fail
 from adaptc.cli.plan import CACHE_HELP
 from adaptc.spec import Spec, SpecError
 
@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="which adapter of a multi-adapter directory (peft's DIR/NAME/; default: the "
         "top-level one)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        help="write the floating-point tensors in this dtype (default: the spec's "
+        "base_model.quantization.merge_dtype, else the checkpoint's)",
+    )
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -53,7 +59,14 @@ def run(args: argparse.Namespace) -> int:
     # lazily: the library imports torch; the CLI starts without it
     from adaptc.io.load import AdapterLoadError
     from adaptc.io.merge_checkpoint import merge_checkpoint, merge_in_memory, shard_names
-    from adaptc.models import ModelError, build_model, checkpoint_dir, model_class, resolve_model
+    from adaptc.models import (
+        DTYPES,
+        ModelError,
+        build_model,
+        checkpoint_dir,
+        model_class,
+        resolve_model,
+    )
     from adaptc.plan.defaults import TASK_MODULES_TO_SAVE
 
     out = Path(args.out)
@@ -79,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 source, args.adapter, out, build_meta_model=meta_model,
                 adapter=args.adapter_name, force=args.force,
                 progress=bar.update if bar is not None else None,
+                dtype=DTYPES.get(args.dtype or ""),
             )  # fmt: skip
         except _NewHead as new_head:  # the adapter brings a head the checkpoint lacks
             task = new_head.spec.task_type

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -79,12 +79,16 @@ def merge_checkpoint(
     adapter: str | None = None,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> MergeReport:
     """Write ``out_dir``: the checkpoint at ``model_dir`` with the adapter merged in.
 
     ``build_meta_model(spec)`` returns the checkpoint's model built on the meta device (no
     weights); ``adapter`` picks one adapter of a multi-adapter directory (peft's
     ``DIR/NAME/``); ``progress(n)`` is called after each tensor with the bytes it held.
+    ``dtype`` writes every floating-point tensor in that dtype (default: the spec's
+    ``base_model.quantization.merge_dtype``, else the checkpoint's own); the config's
+    dtype and the index's total size follow.
     """
     source, out, shards, (spec, name, folder) = _inputs(
         model_dir, adapter_dir, out_dir, adapter, force
@@ -93,15 +97,18 @@ def merge_checkpoint(
     meta = build_meta_model(spec)
     merger = TensorMerger.fit(meta, spec, name, tensors, weights_path)
     merger.check_checkpoint(source, shards)  # before writing anything
+    dtype = dtype or merger.merge_dtype
     with staged_dir(out, replace=force) as staging:
         count = 0
         for shard in shards:
-            count += _merge_shard(source / shard, staging / shard, merger, progress)
+            count += _merge_shard(source / shard, staging / shard, merger, progress, dtype)
         for item in source.iterdir():  # config, tokenizer, generation config, the index, ...
             if item.name in shards or item.name.startswith("."):
                 continue
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
+        if dtype is not None:
+            _retype_files(staging, dtype)
     return MergeReport(
         out, len(shards), count, merger.merged, merger.replaced, name, merger.dequantized
     )
@@ -210,26 +217,36 @@ def shard_names(source: Path) -> list[str]:
 
 
 def _merge_shard(
-    src: Path, dst: Path, merger: TensorMerger, progress: Callable[[int], None] | None
+    src: Path,
+    dst: Path,
+    merger: TensorMerger,
+    progress: Callable[[int], None] | None,
+    out_dtype: torch.dtype | None = None,
 ) -> int:
     """Copy one safetensors file, replacing what the adapter changes; one tensor in memory.
 
     Replaced tensors keep their dtype and shape, so the header (and every offset) is copied
-    as it is; untouched tensors are copied in chunks without being decoded.
+    as it is; untouched tensors are copied in chunks without being decoded. With
+    ``out_dtype`` every floating-point tensor is written in it (a new header, new offsets).
     """
     count = 0
     size, raw_header, header = merger.headers[src.name]  # read by check_checkpoint
+    entries = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"),
+        key=lambda kv: kv[1]["data_offsets"][0],
+    )
+    retyped = _retyped_header(header, entries, out_dtype)
     with src.open("rb") as fin, dst.open("wb") as fout:
-        fout.write(struct.pack("<Q", size) + raw_header)
+        if retyped is None:
+            fout.write(struct.pack("<Q", size) + raw_header)
+        else:
+            fout.write(struct.pack("<Q", len(retyped)) + retyped)
         start = 8 + size
-        entries = sorted(
-            ((k, v) for k, v in header.items() if k != "__metadata__"),
-            key=lambda kv: kv[1]["data_offsets"][0],
-        )
         for key, entry in entries:
             begin, end = entry["data_offsets"]
             fin.seek(start + begin)
-            if merger.wants(key):
+            cast = retyped is not None and str(entry["dtype"]) in _FLOATS
+            if merger.wants(key) or cast:
                 data = bytearray(end - begin)
                 fin.readinto(data)
                 dtype = DTYPES[str(entry["dtype"])]
@@ -239,7 +256,8 @@ def _merge_shard(
                     if data
                     else torch.empty(shape, dtype=dtype)
                 )
-                new = merger.tensor(key, tensor)
+                want = out_dtype if cast else None
+                new = merger.tensor(key, tensor, want) if merger.wants(key) else tensor.to(want)
                 fout.write(new.contiguous().view(torch.uint8).numpy().tobytes())
             else:
                 _copy_bytes(fin, fout, end - begin)
@@ -249,6 +267,60 @@ def _merge_shard(
         fout.flush()
         os.fsync(fout.fileno())
     return count
+
+
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def _nbytes(entry: dict[str, Any], dtype: str | None = None) -> int:
+    """Bytes of a header entry's tensor (in ``dtype``, a safetensors name, when given)."""
+    n = 1
+    for d in entry["shape"]:
+        n *= int(d)
+    return n * torch.empty((), dtype=DTYPES[dtype or str(entry["dtype"])]).element_size()
+
+
+def _retyped_header(
+    header: dict[str, Any], entries: list[tuple[str, Any]], dtype: torch.dtype | None
+) -> bytes | None:
+    """The header of the shard with its floating-point tensors in ``dtype`` (their
+    offsets moved), padded to 8 bytes as safetensors writes it; None when nothing changes."""
+    if dtype is None:
+        return None
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    if all(str(e["dtype"]) == name or str(e["dtype"]) not in _FLOATS for _, e in entries):
+        return None
+    new: dict[str, Any] = {}
+    if "__metadata__" in header:
+        new["__metadata__"] = header["__metadata__"]
+    offset = 0
+    for key, entry in entries:
+        kind = name if str(entry["dtype"]) in _FLOATS else str(entry["dtype"])
+        n = _nbytes(entry, kind)
+        new[key] = {"dtype": kind, "shape": entry["shape"], "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(new, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _retype_files(staging: Path, dtype: torch.dtype) -> None:
+    """The config's dtype and the index's total size, for shards rewritten in ``dtype``."""
+    config = staging / "config.json"
+    if config.is_file():
+        doc = json.loads(config.read_text(encoding="utf-8"))
+        for key in ("dtype", "torch_dtype"):
+            if key in doc:
+                doc[key] = str(dtype).removeprefix("torch.")
+        config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    index = staging / INDEX_NAME
+    if index.is_file():
+        doc = json.loads(index.read_text(encoding="utf-8"))
+        total = 0
+        for shard in shard_names(staging):
+            _, _, header = read_header(staging / shard)
+            total += sum(_nbytes(e) for k, e in header.items() if k != "__metadata__")
+        doc.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _copy_bytes(fin: BinaryIO, fout: BinaryIO, n: int, chunk: int = 16 << 20) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from adaptc.adapters.keys import PREFIX, adapter_branches, adapter_tensors, is_base_tensor
 from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.compiler.passes import merged_layer
+from adaptc.dtypes import DTYPES as _SPEC_DTYPES
 from adaptc.io.load import AdapterLoadError
 from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
@@ -253,25 +254,37 @@ class TensorMerger:
         """Whether the checkpoint tensor ``key`` changes."""
         return key in self.by_checkpoint_key
 
-    def tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The new value of the checkpoint tensor ``key`` (same dtype and shape)."""
+    def tensor(
+        self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The new value of the checkpoint tensor ``key`` (its shape; its dtype, or
+        ``dtype``: a quantized weight is dequantized in the checkpoint's dtype, as loading
+        quantizes it; the update is added in the wider of the two, rounded once to ``dtype``)."""
+        dtype = dtype or tensor.dtype
         model_key = self.by_checkpoint_key[key]
         op = self.ops[model_key]
         if isinstance(op, _Copy):
             self.replaced += 1
-            return self.tensors[op.key].detach().to(tensor.dtype).contiguous()
+            return self.tensors[op.key].detach().to(dtype).contiguous()
         if model_key in self.quantized:  # what the quantized base computes with
             tensor = roundtrip(tensor, self.quantization)
             if isinstance(op, _Dequantize):
                 self.dequantized += 1
-                return tensor.contiguous()
+                return tensor.to(dtype).contiguous()
         assert isinstance(op, _Merge)
+        tensor = tensor.to(torch.promote_types(tensor.dtype, dtype))
         base = tensor if op.base is None else self.tensors[op.base].to(tensor.dtype)
         layer = self._twin(op.path, op.attr, base)
         merged = merged_layer(layer, [self.adapter], safe=True)
         self.merged += 1
         out = merged.get_parameter(op.attr)
-        return out.detach().to(tensor.dtype).contiguous()
+        return out.detach().to(dtype).contiguous()
+
+    @property
+    def merge_dtype(self) -> torch.dtype | None:
+        """The dtype the spec asks a quantized base's merged checkpoint in, if any."""
+        q = self.quantization
+        return None if q is None or q.merge_dtype is None else _SPEC_DTYPES[q.merge_dtype]
 
     def _model_key(self, key: str) -> str:
         """Checkpoint keys may lack or carry the base-model prefix (``model.``)."""

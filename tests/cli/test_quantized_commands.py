@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import load_file
 
 import adaptc
 from adaptc.cli import main
@@ -110,3 +111,18 @@ def test_merge_refuses_a_requantizing_spec_and_writes_nothing(capsys, checkpoint
     assert (code, out) == (1, "")
     assert "asks for a requantized merge" in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_writes_the_dtype_the_spec_asks(capsys, checkpoint, tmp_path):
+    spec = write_spec(tmp_path / "spec.json", checkpoint, merge_dtype="bf16")
+    assert run(capsys, "compile", spec, "--out", tmp_path / "adapter")[0] == 0
+    merge = ["merge", checkpoint, tmp_path / "adapter", "--out"]
+    assert run(capsys, *merge, tmp_path / "m")[0] == 0
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert run(capsys, *merge, tmp_path / "m32", "--dtype", "fp32")[0] == 0  # the flag wins
+    exact = load_file(tmp_path / "m32" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert exact[key].dtype == torch.float32
+    torch.testing.assert_close(tensors[key].float(), exact[key], rtol=2**-8, atol=1e-6)

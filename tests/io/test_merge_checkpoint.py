@@ -93,6 +93,28 @@ def test_sharding_and_other_files_are_kept(tmp_path):
     assert index_in["weight_map"] == index_out["weight_map"]
 
 
+def test_a_sharded_checkpoint_in_another_dtype(tmp_path):
+    """``dtype=``: every float tensor rewritten (new headers and offsets), the index's total
+    size and the config's dtype with them; the merge adds the update before rounding."""
+    _setup(tmp_path, "opt", CASES[0][1])
+    build = meta_builder("opt", tmp_path / "base")
+    args = (tmp_path / "base", tmp_path / "adapter")
+    merge_checkpoint(*args, tmp_path / "bf16", build_meta_model=build, dtype=torch.bfloat16)
+    merge_checkpoint(*args, tmp_path / "fp32", build_meta_model=build)
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    tensors = {k: v for s in shards for k, v in load_file(tmp_path / "bf16" / s).items()}
+    exact = {k: v for s in shards for k, v in load_file(tmp_path / "fp32" / s).items()}
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    for key, value in exact.items():  # rounded once from the float32 merge
+        torch.testing.assert_close(tensors[key], value.to(torch.bfloat16), rtol=0, atol=0)
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert merged.dtype == torch.bfloat16
+
+
 def test_refuses_to_overwrite_without_force(tmp_path):
     _setup(tmp_path, "opt", CASES[0][1])
     (tmp_path / "out").mkdir()
@@ -122,11 +144,11 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch):
     calls = []
     real = mod._merge_shard
 
-    def failing(src, dst, merger, progress):
+    def failing(src, dst, merger, *args):
         calls.append(src)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(src, dst, merger, progress)
+        return real(src, dst, merger, *args)
 
     monkeypatch.setattr(mod, "_merge_shard", failing)
     with pytest.raises(KeyboardInterrupt):
