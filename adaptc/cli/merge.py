@@ -73,16 +73,20 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         return fail("merge", f"{out} exists; pass --force to replace it")
     bar = None
+    errors: dict[str, float] = {}  # a requantizing merge's largest error, per layer
     try:
         ref = resolve_model(args.model, cache_dir=args.cache_dir, revision=args.revision)
         source = checkpoint_dir(ref)  # a directory or a hub id; a factory or config is refused
 
         def meta_model(spec: Spec) -> nn.Module:  # the checkpoint's own class decides
             task = spec.task_type
+            quantization = spec.base_model.quantization if spec.base_model else None
+            if quantization is not None and quantization.merge == "requantize":
+                raise _InMemory(spec)  # a quantized checkpoint: from the quantized model
             if task in TASK_MODULES_TO_SAVE and model_class(ref, task) is not model_class(
                 ref, None
             ):  # the adapter trained a head (a classifier) the checkpoint does not have
-                raise _NewHead(spec)
+                raise _InMemory(spec)
             return build_model(ref, task_type=None, meta=True)
 
         total = sum((source / name).stat().st_size for name in shard_names(source))
@@ -94,16 +98,31 @@ def run(args: argparse.Namespace) -> int:
                 progress=bar.update if bar is not None else None,
                 dtype=DTYPES.get(args.dtype or ""),
             )  # fmt: skip
-        except _NewHead as new_head:  # the adapter brings a head the checkpoint lacks
-            task = new_head.spec.task_type
+        except _InMemory as in_memory:  # a new head, or a requantizing merge
+            spec = in_memory.spec
+            new_head = spec.task_type in TASK_MODULES_TO_SAVE and model_class(
+                ref, spec.task_type
+            ) is not model_class(ref, None)
+            task = spec.task_type if new_head else None
+            quantization = spec.base_model.quantization if spec.base_model else None
+            if quantization is not None and quantization.method != "bitsandbytes":
+                return fail(
+                    "merge",
+                    f"a requantized {quantization.method} checkpoint cannot be written yet "
+                    "(bitsandbytes only); set merge: dequantize for a float checkpoint",
+                )
 
             def full_model(labels: int | None) -> nn.Module:
                 overrides = {} if labels is None else {"num_labels": labels}
-                return build_model(ref, task_type=task, meta=False, config_overrides=overrides)
+                return build_model(
+                    ref, task_type=task, meta=False, config_overrides=overrides,
+                    quantization=quantization,
+                )  # fmt: skip
 
             report = merge_in_memory(
-                full_model, source, args.adapter, out, adapter=args.adapter_name, force=args.force
-            )
+                full_model, source, args.adapter, out, adapter=args.adapter_name,
+                force=args.force, errors=errors,
+            )  # fmt: skip
     except (ModelError, AdapterLoadError, SpecError, FileExistsError) as exc:
         return fail("merge", str(exc).splitlines()[0])
     except ValueError as exc:  # a non-finite merged weight (names adapter and module), ...
@@ -115,20 +134,25 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     summary = {"out": str(report.out_dir), "adapter": report.adapter, "shards": report.shards,
                "tensors": report.tensors, "merged": report.merged,
-               "replaced": report.replaced, "dequantized": report.dequantized}  # fmt: skip
+               "replaced": report.replaced, "dequantized": report.dequantized,
+               "requantized": errors}  # fmt: skip
     if args.json:
         print(json.dumps(summary))
     else:
         copied = f", {report.replaced} taken from the adapter" if report.replaced else ""
         if report.dequantized:
             copied += f", {report.dequantized} dequantized"
+        if errors:
+            worst = max(errors, key=errors.__getitem__)
+            copied += f" (requantized: the largest error {errors[worst]:.3g}, {worst})"
         print(f"wrote {report.out_dir}: adapter {report.adapter!r}, {report.merged} merged"
               f"{copied}, of {report.tensors} tensors in {report.shards} shard(s)")  # fmt: skip
     return 0
 
 
-class _NewHead(Exception):
-    """The adapter's task needs another model class than the checkpoint's."""
+class _InMemory(Exception):
+    """The adapter is merged in memory: its task needs another model class than the
+    checkpoint's, or its spec asks for a requantized (quantized) checkpoint."""
 
     def __init__(self, spec: Spec) -> None:
         super().__init__(spec.task_type)

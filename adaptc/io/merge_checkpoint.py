@@ -122,6 +122,7 @@ def merge_in_memory(
     *,
     adapter: str | None = None,
     force: bool = False,
+    errors: dict[str, float] | None = None,
 ) -> MergeReport:
     """Write ``out_dir`` by loading the model, the adapter and merging in memory.
 
@@ -129,7 +130,10 @@ def merge_in_memory(
     trained on a base checkpoint): ``build_model(num_labels)`` loads the checkpoint's
     weights into that class, with as many labels as the adapter's head has (None when
     the head says nothing). Peak memory is the whole model; the output is that class's
-    checkpoint (``save_pretrained``), with the tokenizer and other files copied.
+    checkpoint (``save_pretrained``), with the tokenizer and other files copied. For a
+    requantizing merge (the spec's ``base_model.quantization.merge``), ``build_model``
+    loads the base quantized and the output is a quantized checkpoint; each layer's
+    largest error goes into ``errors``.
     """
     source, out, shards, (spec, name, folder) = _inputs(
         model_dir, adapter_dir, out_dir, adapter, force
@@ -148,7 +152,9 @@ def merge_in_memory(
             f"{str(exc).splitlines()[0]}"
         ) from None
     try:
-        merged = merge(new, adapters=[name])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the requantization's errors: in ``errors``
+            merged = merge(new, adapters=[name], errors=errors)
     except ValueError as exc:  # a non-finite merged weight, lora_bias without a bias
         raise AdapterLoadError(f"adapter {name!r}: {str(exc).splitlines()[0]}") from None
     largest = max((source / shard).stat().st_size for shard in shards)

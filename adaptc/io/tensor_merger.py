@@ -198,8 +198,8 @@ class TensorMerger:
         if q is not None and q.merge == "requantize":
             raise AdapterLoadError(
                 f"{name}: its spec asks for a requantized merge (base_model.quantization.merge),"
-                " which a streamed checkpoint cannot hold yet; set merge: dequantize for a "
-                "float checkpoint, or use adaptc.merge(model, quantized='requantize')"
+                " which a streamed float checkpoint cannot hold; merge it in memory "
+                "(merge_in_memory, as `adaptc merge` does) or set merge: dequantize"
             )
         for path, branch in self.branches.items():
             if branch.lora_bias and getattr(self.layers[path], "bias", None) is None:
