@@ -134,6 +134,9 @@ def markdown(
         "- mixed rows: one batch of 8 samples, one per adapter (ranks 8 to 32, padded); "
         "`mixed-batch`: adaptc's mixed batch / peft's `adapter_names`; `mixed-vs-single`: "
         "the mixed batch / the same batch on one adapter (the base column)",
+        "- qlora rows: the same Llama loaded 4-bit (bitsandbytes nf4, double quant), the same "
+        "adapter for both libraries (`benchmarks/qlora.py`); `qlora-weights-vs-lora`: the "
+        "bytes the compiled 4-bit model holds / the same adapter on the float model",
         *(
             ["- GPU figures (H200, bf16, Llama-1B shape): [benchmarks-cuda.md](benchmarks-cuda.md)"]
             if args.device == "cpu" and (Path(args.doc).parent / "benchmarks-cuda.md").is_file()
