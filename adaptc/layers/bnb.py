@@ -133,7 +133,7 @@ def unpack_cpu_4bit(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor,
     state: Any = copy.copy(quant_state)
     qweight, state = _convert_weight_packed_for_cpu_inverse(data, state)
     absmax = quant_state.absmax  # (K/blocksize, N), bfloat16: the packed layout
-    state.absmax = absmax.T.reshape(-1).to(quant_state.original_dtype).contiguous()
+    state.absmax = absmax.T.reshape(-1).float().contiguous()  # scales are float32
     state.nested = False
     state.offset = None
     state.state2 = None

@@ -253,7 +253,7 @@ def test_repacking_the_users_layers_after_compiling_changes_nothing(checkpoint):
     torch.testing.assert_close(logits(merged), logits(reference), **TOL)
 
 
-@pytest.mark.parametrize("setting", ["nf4-double-fp32", "fp4-single-fp32"])
+@pytest.mark.parametrize("setting", ["nf4-double-fp32", "fp4-single-fp32", "nf4-bf16-model"])
 def test_a_base_repacked_before_compiling_is_unpacked_correctly(checkpoint, setting):
     reference = compile_seeded(load_4bit(checkpoint, setting))
     base = avx512bf16(load_4bit(checkpoint, setting))
@@ -262,15 +262,18 @@ def test_a_base_repacked_before_compiling_is_unpacked_correctly(checkpoint, sett
     with pytest.warns(UserWarning, match="repacked 4-bit weights"):
         model = compile_seeded(base)
     ours = base_of(model.model.layers[0].mlp.down_proj)
-    # the codes exactly, the scales as bfloat16 kept them (relative error ≤ 2⁻⁸)
-    torch.testing.assert_close(dequantized(ours), weight, rtol=2**-8, atol=1e-7)
+    # the codes exactly, the scales as bfloat16 kept them (relative error ≤ 2⁻⁸; a bfloat16
+    # model's dequantized weight is rounded once more)
+    rtol = 2**-8 if weight.dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(dequantized(ours), weight, rtol=rtol, atol=1e-7)
     torch.testing.assert_close(logits(model), logits(reference), rtol=0.01, atol=0.01)
     grads, expected = lora_grads(model), lora_grads(reference)
     assert (grads - expected).norm() < 0.01 * expected.norm()
     state = model.state_dict()  # no undo runs on the copies: the state is what they hold
     assert torch.equal(state["model.layers.0.mlp.down_proj.weight"], ours.weight.data)
     merged = adaptc.merge(model)
-    torch.testing.assert_close(logits(merged), logits(model), **TOL)
+    tol = TOL if weight.dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}
+    torch.testing.assert_close(logits(merged), logits(model), **tol)
 
 
 def test_small_layers_run_where_the_repacked_kernel_fails(tmp_path):
