@@ -277,7 +277,6 @@ def test_a_base_repacked_before_compiling_is_unpacked_correctly(checkpoint, sett
 
 
 def test_small_layers_run_where_the_repacked_kernel_fails(tmp_path):
-
     tiny_hf("llama").save_pretrained(tmp_path)  # hidden size 16: too small for the kernel
     config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     with warnings.catch_warnings():
