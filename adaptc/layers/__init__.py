@@ -5,6 +5,7 @@ from torch import nn
 from adaptc.layers.base import (
     LayerKind,
     UnsupportedLayerError,
+    dequantized_weight,
     find_kind,
     kind_names,
     kind_of,
@@ -46,6 +47,7 @@ __all__ = [
     "QuantoKind",
     "TorchaoKind",
     "UnsupportedLayerError",
+    "dequantized_weight",
     "find_kind",
     "kind_names",
     "kind_of",

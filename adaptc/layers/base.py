@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "LayerKind",
     "UnsupportedLayerError",
+    "dequantized_weight",
     "find_kind",
     "kind_names",
     "kind_of",
@@ -143,6 +144,12 @@ def find_kind(module: nn.Module) -> LayerKind | None:
         if kind.matches(module):
             return kind
     return None
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as its kind reads it (dequantized, for a quantized kind): the
+    function a graph calls where a variant needs a quantized layer's weight at run time."""
+    return kind_of(module).weight(module)
 
 
 def kind_of(module: nn.Module, path: str = "") -> LayerKind:

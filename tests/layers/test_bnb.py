@@ -123,13 +123,38 @@ def test_merging_in_place_is_refused_and_changes_nothing(pair):
     torch.testing.assert_close(logits(mine), before, rtol=0, atol=0)
 
 
-def test_base_inits_and_dora_are_refused(checkpoint):
-    for extra, match in (({"init": "pissa"}, "not available on bnb.Linear8bitLt"),
-                         ({"use_dora": True}, "not available for bnb.Linear8bitLt")):  # fmt: skip
-        spec = {"version": 1, "adapters": {"default": {
-            "targets": {"kind": "names", "names": ["q_proj"]}, **extra}}}  # fmt: skip
-        with pytest.raises(adaptc.CompileError, match=match):
-            adaptc.compile(load_8bit(checkpoint), spec)
+def test_base_inits_are_refused(checkpoint):
+    spec = {"version": 1, "adapters": {"default": {
+        "targets": {"kind": "names", "names": ["q_proj"]}, "init": "pissa"}}}  # fmt: skip
+    with pytest.raises(adaptc.CompileError, match=r"not available on bnb\.Linear8bitLt"):
+        adaptc.compile(load_8bit(checkpoint), spec)
+
+
+def test_dora_equals_peft_and_runs_where_peft_breaks(checkpoint, tmp_path):
+    """peft's DoRA on 8-bit layers fails at its second forward (the layer's scales have
+    moved into its matmul state); adaptc's reads the layer's weight as its kind does."""
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(load_8bit(checkpoint), peft.LoraConfig(**CONFIG, use_dora=True))
+    theirs.save_pretrained(tmp_path / "dora")
+    mine = ap.PeftModel.from_pretrained(load_8bit(checkpoint), tmp_path / "dora", is_trainable=True)
+    first = logits(mine)
+    torch.testing.assert_close(first, logits(theirs), **TOL)
+    with pytest.raises(AttributeError, match="dtype"):
+        logits(theirs)
+    torch.testing.assert_close(logits(mine), first, rtol=0, atol=0)
+    fresh = peft.PeftModel.from_pretrained(
+        load_8bit(checkpoint), tmp_path / "dora", is_trainable=True
+    )
+    grads = []
+    for model in (fresh, mine):
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(**hf_inputs("llama")).logits.square().mean().backward()
+        grads.append(sorted(p.grad.norm().item() for p in model.parameters() if p.grad is not None))
+    assert len(grads[1]) == 18 and grads[1] == pytest.approx(grads[0], rel=1e-4)
+    merged = mine.merge_and_unload()
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
 def test_all_linear_selects_what_peft_selects(checkpoint):
