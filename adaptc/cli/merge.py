@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         model_class,
         resolve_model,
     )
-    from adaptc.plan.defaults import TASK_MODULES_TO_SAVE
+    from adaptc.plan.defaults import TASK_MODULES_TO_SAVE  # lazily too (torch)
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import adaptc
+from adaptc.logs import quiet_import_time_loggers
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; 0 when every check holds, 1 otherwise."""
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_import_time_loggers()
     try:
         demo(args)
     except CheckFailed as e:
