@@ -199,7 +199,7 @@ def quantized_bytes(model: nn.Module, q: Any, dtype: torch.dtype) -> int:
     """Bytes of ``model``'s weights once quantized by ``q`` (``model`` may live on the meta
     device): the quantized layers' weights at :func:`bits_per_weight`, every other tensor
     (embeddings, norms, the head, biases) at ``dtype``. Tied tensors count once."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     quantized = {id(model.get_submodule(p).weight): p for p in quantized_layers(model, q)}
     total = 0.0
     for p in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             ref = resolve_model(name, cache_dir=args.cache_dir, revision=revision)
             dtype = DTYPES.get(args.dtype or "")
-            quantization = spec.base_model.quantization if spec.base_model else None
+            quantization = spec.quantization
             model = build_model(
                 ref, task_type=spec.task_type, meta=False, dtype=dtype, progress=progress,
                 quantization=quantization,

@@ -80,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
 
         def meta_model(spec: Spec) -> nn.Module:  # the checkpoint's own class decides
             task = spec.task_type
-            quantization = spec.base_model.quantization if spec.base_model else None
-            if quantization is not None and quantization.merge == "requantize":
-                raise _InMemory(spec)  # a quantized checkpoint: from the quantized model
-            if task in TASK_MODULES_TO_SAVE and model_class(ref, task) is not model_class(
-                ref, None
-            ):  # the adapter trained a head (a classifier) the checkpoint does not have
-                raise _InMemory(spec)
+            # the adapter trained a head (a classifier) the checkpoint does not have
+            new_head = task in TASK_MODULES_TO_SAVE and model_class(ref, task) is not (
+                model_class(ref, None)
+            )
+            requantize = spec.quantization is not None and spec.quantization.merge == "requantize"
+            if new_head or requantize:  # a requantized checkpoint: from the quantized model
+                raise _InMemory(spec, new_head=new_head, requantize=requantize)
             return build_model(ref, task_type=None, meta=True)
 
         total = sum((source / name).stat().st_size for name in shard_names(source))
@@ -100,11 +100,8 @@ def run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         except _InMemory as in_memory:  # a new head, or a requantizing merge
             spec = in_memory.spec
-            new_head = spec.task_type in TASK_MODULES_TO_SAVE and model_class(
-                ref, spec.task_type
-            ) is not model_class(ref, None)
-            task = spec.task_type if new_head else None
-            quantization = spec.base_model.quantization if spec.base_model else None
+            task = spec.task_type if in_memory.new_head else None
+            quantization = spec.quantization if in_memory.requantize else None
             if quantization is not None and quantization.method != "bitsandbytes":
                 return fail(
                     "merge",
@@ -154,9 +151,9 @@ class _InMemory(Exception):
     """The adapter is merged in memory: its task needs another model class than the
     checkpoint's, or its spec asks for a requantized (quantized) checkpoint."""
 
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: Spec, *, new_head: bool, requantize: bool) -> None:
         super().__init__(spec.task_type)
-        self.spec = spec
+        self.spec, self.new_head, self.requantize = spec, new_head, requantize
 
 
 def _progress(total: int, *, quiet: bool):  # type: ignore[no-untyped-def]

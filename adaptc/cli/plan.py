@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # ModelError, and the plan's one-line target errors
         return fail("plan", str(exc))
     dtype = model_dtype(model)
-    quantization = spec.base_model.quantization if spec.base_model else None
+    quantization = spec.quantization
     quantized = None if quantization is None else quantized_bytes(model, quantization, dtype)
+    described = None if quantization is None else describe(quantization)
     memory = training_memory(plan, dtype, quantized)
     line = trainable_line(plan.trainable_params, plan.total_params)
     if args.json:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             "trainable_line": line,
             "memory": {
                 "dtype": dtype_name(dtype),
-                "quantization": None if quantization is None else describe(quantization),
+                "quantization": described,
                 **{k: m.to_dict() for k, m in memory.items()},
             },
         }
@@ -108,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
     print(line)
     for warning in plan.warnings:
         print(f"warning: {warning}")
-    quantized_title = None if quantization is None else describe(quantization)
-    print(memory_table(memory, dtype, _methods_title(plan), quantized_title))
+    print(memory_table(memory, dtype, _methods_title(plan), described))
     return 0
 
 

@@ -120,13 +120,13 @@ def merge(
     default to the spec's ``base_model.quantization`` (``merge``, ``merge_dtype``).
     """
     info = compiled(model, "merge()")
-    declared = info.spec.base_model.quantization if info.spec.base_model else None
+    declared = info.spec.quantization
     mode = quantized or (declared.merge if declared is not None else "dequantize")
     if dtype is None and declared is not None and declared.merge_dtype is not None:
         dtype = DTYPES[declared.merge_dtype]
     how = QuantizedMerge(mode, dtype)
     with gc_paused():
-        new = _merge(model, adapters=adapters, safe=safe, quantized=how)
+        new = _merge(model, info, adapters=adapters, safe=safe, quantized=how)
     if errors is not None:
         errors.update(how.errors)
     if how.errors:
@@ -142,9 +142,13 @@ def merge(
 
 
 def _merge(
-    model: nn.Module, *, adapters: list[str] | None, safe: bool, quantized: QuantizedMerge
+    model: nn.Module,
+    info: Compiled,
+    *,
+    adapters: list[str] | None,
+    safe: bool,
+    quantized: QuantizedMerge,
 ) -> nn.Module:
-    info = compiled(model, "merge()")
     names = adapters if adapters is not None else list(info.active)
     with unmerged(model):  # merged in place: merge from the original weights
         new = share_clone(model)

@@ -21,6 +21,7 @@ written; the output directory appears whole or not at all (:func:`adaptc.atomic.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -280,10 +281,7 @@ _FLOATS = ("F64", "F32", "F16", "BF16")
 
 def _nbytes(entry: dict[str, Any], dtype: str | None = None) -> int:
     """Bytes of a header entry's tensor (in ``dtype``, a safetensors name, when given)."""
-    n = 1
-    for d in entry["shape"]:
-        n *= int(d)
-    return n * torch.empty((), dtype=DTYPES[dtype or str(entry["dtype"])]).element_size()
+    return math.prod(int(d) for d in entry["shape"]) * DTYPES[dtype or str(entry["dtype"])].itemsize
 
 
 def _retyped_header(

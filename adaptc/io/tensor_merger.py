@@ -139,7 +139,7 @@ class TensorMerger:
                 self.ops[model_key] = _Copy(key)
         # a quantized base: the checkpoint holds W_deq for every layer it quantizes, so the
         # merged model computes what the adapter was trained on
-        self.quantization = spec.base_model.quantization if spec.base_model else None
+        self.quantization = spec.quantization
         self.quantized: set[str] = set()
         if self.quantization is not None:
             self.quantized = {f"{p}.weight" for p in quantized_layers(meta, self.quantization)}

@@ -154,6 +154,11 @@ class Spec(BaseModel):
                 )
         return self
 
+    @property
+    def quantization(self) -> Any:
+        """``base_model.quantization``, or None (no base model, or a float one)."""
+        return self.base_model.quantization if self.base_model is not None else None
+
     def adapter(self, name: str | None = None) -> Any:
         """The adapter called ``name``, or the only one when ``name`` is None."""
         if name is None:

@@ -79,21 +79,20 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _float_input(graph: fx.Graph, call: fx.Node) -> fx.Node:
-    """Make the layer ``call`` read its input cast to float32 (``x.to(torch.float32)``), as
-    PEFT's bitsandbytes IA3 layers do; return the input. PEFT then leaves the output in
-    float32, which breaks a bfloat16 model (its attention gets mixed dtypes); the graph
-    casts it back to the input's dtype (``type_as``), the same in float32."""
-    keyword = None if call.args else next(iter(call.kwargs))
-    inp = call.args[0] if keyword is None else call.kwargs[keyword]
-    assert isinstance(inp, fx.Node), "the layer's input is not a node"
-    with graph.inserting_before(call):
-        cast = graph.call_method("to", (inp, torch.float32))
-    if keyword is None:
-        call.args = (cast, *call.args[1:])
-    else:
-        call.kwargs = {**call.kwargs, keyword: cast}
+def _layer_input(call: fx.Node) -> fx.Node:
+    """The input the layer ``call`` reads as it is now (its first argument, or its only
+    keyword argument; an earlier adapter may have replaced it already)."""
+    inp = call.args[0] if call.args else next(iter(call.kwargs.values()))
+    assert isinstance(inp, fx.Node), f"{call.target}: the layer's input is not a node"
     return inp
+
+
+def _set_layer_input(call: fx.Node, node: fx.Node) -> None:
+    """Make the layer ``call`` read ``node`` instead of its input."""
+    if call.args:
+        call.args = (node, *call.args[1:])
+    else:
+        call.kwargs = {**call.kwargs, next(iter(call.kwargs)): node}
 
 
 def _ia3(settings: Settings) -> IA3Settings:
@@ -251,9 +250,14 @@ class IA3Method(Method):
         b = _branch(branch)
         compute = kind.compute_dtype(base)
         cast = b.ia3_l.dtype != compute
-        back: fx.Node | None = None  # a quantized layer's: the input, whose dtype comes back
-        if kind.quantized:  # PEFT's bitsandbytes IA3: the layer reads x as float32
-            back = _float_input(graph, call)
+        # PEFT's bitsandbytes IA3 layers read x as float32 and leave their output in float32,
+        # which breaks a bfloat16 model (its attention gets mixed dtypes): the graph casts
+        # the output back to the input's dtype (``type_as``; the same in float32)
+        back: fx.Node | None = None  # a quantized layer's input, whose dtype comes back
+        if kind.quantized:
+            back = _layer_input(call)
+            with graph.inserting_before(call):
+                _set_layer_input(call, graph.call_method("to", (back, torch.float32)))
             cast = False
 
         def vector() -> fx.Node:
@@ -261,18 +265,11 @@ class IA3Method(Method):
             return node if b.conv else graph.call_method("flatten", (node,))
 
         if b.feedforward:
-            # the layer's input as it is now (an earlier adapter may have scaled it already)
-            keyword = None if call.args else next(iter(call.kwargs))
-            inp = call.args[0] if keyword is None else call.kwargs[keyword]
-            assert isinstance(inp, fx.Node), f"{b.target}: the layer's input is not a node"
             with graph.inserting_before(call):
-                scaled = graph.call_function(operator.mul, (inp, vector()))
+                scaled = graph.call_function(operator.mul, (_layer_input(call), vector()))
                 if cast:
                     scaled = graph.call_method("to", (scaled, compute))
-            if keyword is None:
-                call.args = (scaled, *call.args[1:])
-            else:
-                call.kwargs = {**call.kwargs, keyword: scaled}
+            _set_layer_input(call, scaled)
             if back is None:
                 return current
             with graph.inserting_before(current.next):

@@ -16,16 +16,15 @@ result's dtype follows the input at run time, the int8 weight says nothing of it
 (PEFT's 4-bit layer clones the base result first, for its in-place add; the graph's add
 is not in place.) A merge dequantizes the weight and gives a float ``nn.Linear``
 (``W_deq + s·ΔW``). Inits that read or rewrite the base weight (PiSSA, OLoRA, MiCA) are
-not available on these layers yet; DoRA is a variant registered for them
-(:mod:`adaptc.methods.lora.dora_bnb`).
+not available on these layers yet; DoRA is registered for them
+(:mod:`adaptc.methods.lora.dora`, which reads the weight dequantized).
 """
 
 from __future__ import annotations
 
-from torch import fx, nn
+import torch
+from torch import nn
 
-from adaptc.methods.lora.branch import LoraBranch
-from adaptc.methods.lora.emit import emit_linear_branch
 from adaptc.methods.lora.quantized import QuantizedRule
 
 __all__ = ["BnbRule"]
@@ -34,17 +33,5 @@ __all__ = ["BnbRule"]
 class BnbRule(QuantizedRule):
     """See the module docstring (what it refuses: :class:`QuantizedRule`)."""
 
-    def emit_plain(
-        self,
-        graph: fx.Graph,
-        x: fx.Node,
-        base_out: fx.Node,
-        *,
-        base: nn.Module,
-        base_path: str,
-        branch: LoraBranch,
-        branch_path: str,
-    ) -> fx.Node:
-        return emit_linear_branch(
-            graph, x, base_out, out_dtype=None, branch=branch, branch_path=branch_path
-        )
+    def out_dtype(self, base: nn.Module) -> torch.dtype | None:
+        return None  # the result's dtype follows the input's: cast the LoRA output to it

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from adaptc.layers import dequantized_weight
 from adaptc.methods.lora import variants
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.conv import CONV_FN, make_conv_branch
@@ -257,10 +258,18 @@ def _emit(
     base_path: str,
     branch: LoraBranch,
     branch_path: str,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
+    quantized: bool = False,
 ) -> fx.Node:
     """One node calls the branch with the base output and weight; it returns the full output
     (cast to ``out_dtype``, the layer's compute dtype, when the adapter's differs).
+
+    A quantized layer (bitsandbytes: PEFT's ``lora.bnb`` layers with ``use_dora``) gives
+    its weight dequantized anew at each forward and dropped after it
+    (``dequantized_weight(self.fc)``, PEFT's ``dequantize_module_weight``: nothing
+    dequantized stays resident); its ``out_dtype`` is None, its result's dtype following
+    its input at run time, so ``x`` is always cast to the adapter's dtype and the output
+    back to the base result's (``type_as``), as for plain LoRA on these layers.
 
     Before::
 
@@ -279,9 +288,12 @@ def _emit(
     """
     magnitude = branch.lora_magnitude_vector
     assert isinstance(magnitude, torch.Tensor)
-    cast = out_dtype != magnitude.dtype
+    cast = out_dtype != magnitude.dtype  # always at run time (out_dtype None)
     with graph.inserting_before(base_out.next):
-        w = graph.get_attr(f"{base_path}.weight")
+        if quantized:
+            w = graph.call_function(dequantized_weight, (graph.get_attr(base_path),))
+        else:
+            w = graph.get_attr(f"{base_path}.weight")
         h = x
         extra: fx.Node | float | None
         if isinstance(branch, DoraEmbeddingBranch):
@@ -292,7 +304,9 @@ def _emit(
             has_bias = getattr(base, "bias", None) is not None
             extra = graph.get_attr(f"{base_path}.bias") if has_bias else None
         out = graph.call_module(branch_path, (h, base_out, w, extra))
-        if cast:
+        if out_dtype is None:
+            out = graph.call_method("type_as", (out, base_out))
+        elif cast:
             out = graph.call_method("to", (out, out_dtype))
     return out
 
@@ -319,7 +333,8 @@ class _Dora(variants.Variant):
     ) -> fx.Node:
         return _emit(
             graph, x, base_out, base=base, base_path=base_path, branch=branch,
-            branch_path=branch_path, out_dtype=rule.kind.compute_dtype(base),
+            branch_path=branch_path, out_dtype=rule.out_dtype(base),
+            quantized=rule.kind.quantized,
         )  # fmt: skip
 
 
@@ -426,6 +441,8 @@ def _merge_inputs(
     return delta, base, m
 
 
-variants.register(NAME, ("nn.Linear", "transformers.Conv1D"), DoraLinear())
+variants.register(
+    NAME, ("nn.Linear", "transformers.Conv1D", "bnb.Linear4bit", "bnb.Linear8bitLt"), DoraLinear()
+)
 variants.register(NAME, ("nn.Conv1d", "nn.Conv2d", "nn.Conv3d"), DoraConv())
 variants.register(NAME, ("nn.Embedding",), DoraEmbedding())

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind, find_kind, kinds
 from adaptc.methods.base import Branch, Method, Settings
-from adaptc.methods.lora import alora, dora, dora_bnb  # noqa: F401  (variants register on import)
+from adaptc.methods.lora import alora, dora  # their variants register on import
 from adaptc.methods.lora.bnb import BnbRule
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.conv import ConvRule

@@ -160,10 +160,16 @@ class LoraRule(ABC):
         branch_path: str,
     ) -> fx.Node:
         """``base_out + lora_B(lora_A(dropout(x))) * s`` (rules whose branch differs override)."""
-        out_dtype = self.kind.compute_dtype(base)
         return emit_linear_branch(
-            graph, x, base_out, out_dtype=out_dtype, branch=branch, branch_path=branch_path
-        )
+            graph, x, base_out, out_dtype=self.out_dtype(base), branch=branch,
+            branch_path=branch_path,
+        )  # fmt: skip
+
+    def out_dtype(self, base: nn.Module) -> torch.dtype | None:
+        """The dtype the layer's output is cast back to after the adapter's: its kind's
+        compute dtype; None where the result's dtype follows the input at run time (the
+        LoRA output is then cast to it before the add: :func:`emit_linear_branch`)."""
+        return self.kind.compute_dtype(base)
 
     @abstractmethod
     def delta_weight(self, module: nn.Module, branch: LoraBranch) -> torch.Tensor:
