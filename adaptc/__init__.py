@@ -30,7 +30,9 @@ if TYPE_CHECKING:
         set_active,
         set_enabled,
     )
-    from adaptc.api import compile, load_adapter, merge
+    from adaptc.adapters.eva import eva_state_dict, initialize_eva
+    from adaptc.adapters.loftq import loftq_errors
+    from adaptc.api import compile, initialize_loftq, load_adapter, merge
     from adaptc.compiler import (
         AdaptcWarning,
         CompileError,
@@ -57,6 +59,10 @@ _LAZY = {
     "compile": "adaptc.api",
     "merge": "adaptc.api",
     "load_adapter": "adaptc.api",
+    "initialize_loftq": "adaptc.api",
+    "initialize_eva": "adaptc.adapters.eva",
+    "eva_state_dict": "adaptc.adapters.eva",
+    "loftq_errors": "adaptc.adapters.loftq",
     "HotswapError": "adaptc.adapters",
     "prepare_hotswap": "adaptc.adapters",
     "MixedBatchError": "adaptc.adapters",
@@ -120,12 +126,16 @@ __all__ = [
     "compile",
     "delete_adapter",
     "disabled",
+    "eva_state_dict",
     "hotswap",
+    "initialize_eva",
+    "initialize_loftq",
     "invocation_offsets",
     "layers",
     "load_adapter",
     "load_adapter_into",
     "load_spec",
+    "loftq_errors",
     "merge",
     "merge_in_place",
     "merged_adapters",

@@ -15,11 +15,13 @@ from typing import Any
 from torch import nn
 
 from adaptc import compiler, io
+from adaptc.adapters import loftq
 from adaptc.compiler import compiled_info
 from adaptc.integrations.transformers import on_compile, on_merge
+from adaptc.io.tensors import checkpoint_reader
 from adaptc.spec import Spec
 
-__all__ = ["compile", "load_adapter", "merge"]
+__all__ = ["compile", "initialize_loftq", "load_adapter", "merge"]
 
 
 def compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
@@ -43,6 +45,19 @@ def load_adapter(model: nn.Module, source: str | os.PathLike[str], **options: An
     """A new model: ``model`` (untouched) with the adapter(s) saved at ``source``
     (:func:`adaptc.io.load.load_adapter`, whose options it takes)."""
     return _hooked(io.load_adapter(model, source, **options))
+
+
+def initialize_loftq(
+    model: nn.Module, weights: loftq.FloatWeights | str | os.PathLike[str], **options: Any
+) -> dict[str, Any]:
+    """LoftQ factors for the LoRA of a compiled model on a quantized base, in place; each
+    layer's approximation error (:func:`adaptc.adapters.loftq.initialize_loftq`, whose
+    options it takes: ``adapter``, ``callback``). ``weights``: the float model's
+    checkpoint (a directory or ``.safetensors`` file), state dict, or the float model."""
+    if isinstance(weights, (str, os.PathLike)):
+        prefix = getattr(model, "base_model_prefix", None)
+        weights = checkpoint_reader(weights, prefix=prefix or None)
+    return dict(loftq.initialize_loftq(model, weights, **options))
 
 
 def _hooked(model: nn.Module) -> nn.Module:

@@ -38,6 +38,7 @@ from adaptc.compiler import AdaptcWarning, Compiled, CompileError, compiled
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.method import rule_for
+from adaptc.methods.lora.parameter import ParameterLoraBranch
 from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.spec import Spec
 from adaptc.spec.fields import ADAPTER_NAME_PATTERN, NameTargets, RegexTargets, Targets
@@ -133,6 +134,12 @@ def _check(
 ) -> None:
     if isinstance(adapters, str) or not adapters:
         raise ValueError("adapters must be a non-empty list of adapter names")
+    for branch in model.modules():
+        if isinstance(branch, ParameterLoraBranch) and branch.adapter in adapters:
+            raise CompileError(
+                f"{branch.target}: combining adapters of a targeted parameter is not "
+                "supported (target_parameters)"
+            )
     for adapter in adapters:
         if adapter not in info.spec.adapters:
             raise CompileError(
@@ -163,7 +170,7 @@ def _check(
             f"but found {len(clashes)} such instance(s)."
         )
     first = info.spec.adapters[adapters[0]]  # its settings are the new adapter's
-    if first.init in ("pissa", "olora"):
+    if first.init in ("pissa", "olora", "loftq"):
         raise CompileError(
             f"adapter {adapters[0]!r} has init {first.init!r}, which rewrites base weights: "
             "put an adapter with another init first"

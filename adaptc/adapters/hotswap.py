@@ -30,6 +30,7 @@ from adaptc.layers import kind_of
 from adaptc.methods.lora.branch import RANK_DIMS, SCALING_BUFFER, LoraBranch
 from adaptc.methods.lora.dora import DoraConvBranch, conv_weight_norm, linear_weight_norm
 from adaptc.methods.lora.method import METHOD as LORA
+from adaptc.methods.lora.parameter import ParameterLoraBranch
 from adaptc.methods.lora.rule import BranchConfig
 from adaptc.methods.lora.spec import LoraAdapter
 from adaptc.plan.plan import PlannedTarget, plan_target
@@ -243,6 +244,11 @@ def _plan_swaps(
 def _check_factors(branches: list[LoraBranch]) -> None:
     """Every branch is one (A, B) pair (LoRA on nn.MultiheadAttention has two and refuses)."""
     for branch in branches:
+        if isinstance(branch, ParameterLoraBranch):  # A has r·E rows: padding breaks experts
+            raise HotswapError(
+                f"{branch.target}: hotswapping adapters of a targeted parameter is not "
+                "supported (target_parameters)"
+            )
         try:
             branch.factors()
         except ValueError as exc:

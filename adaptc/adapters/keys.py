@@ -10,7 +10,9 @@ and ``modules_to_save`` copies are stored under the original module paths, with 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,26 +53,33 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
     info = compiled(model, "saving an adapter")
     targets = {t.path for t in info.plan.targets if t.adapter == adapter}
     for branch in adapter_branches(model, adapter):
+        where = branch.file_path  # the target's path (a parameter's: its module's, nested)
         for name, param in branch.file_tensors():  # cut to the true rank when padded
-            yield f"{PREFIX}{branch.target}.{name}", param
+            yield f"{PREFIX}{where}.{name}", param
     settings = info.spec.adapters[adapter]
     if getattr(settings, "bias", "none") != "none":
         params = _params_by_original_name(model)
-        for name, _ in info.plan.trainable_biases:
-            if name not in params:  # e.g. the bias of a saved module: saved with its copy
+        names: dict[int, list[str]] = {}  # a bias held twice (a replicated layer's): both names
+        for name, p in params.items():
+            names.setdefault(id(p), []).append(name)
+        for first, _ in info.plan.trainable_biases:
+            if first not in params:  # e.g. the bias of a saved module: saved with its copy
                 continue
-            owner = name.rpartition(".")[0]
-            key = f"{owner}.base_layer.bias" if owner in targets else name
-            yield f"{PREFIX}{key}", params[name]
+            for name in names[id(params[first])]:
+                owner = name.rpartition(".")[0]
+                key = f"{owner}.base_layer.bias" if owner in targets else name
+                yield f"{PREFIX}{key}", params[name]
     for path, wrapper in saved_modules(model):
         if adapter not in wrapper.modules_to_save:
             continue
         for name, tensor in wrapper.modules_to_save[adapter].state_dict(keep_vars=True).items():
             yield f"{PREFIX}{path}.{name}", tensor
-    embeddings = [n for n in _EMBEDDING_LAYER_NAMES if _names_target(settings, n)]
-    if embeddings:
+    mine = [t for t in info.plan.targets if t.adapter == adapter]
+    if _saves_embeddings(settings, mine, (p for p, _ in _original_paths(model))):
+        tied = {t.path for t in info.plan.targets if t.adapter == adapter and _tied_to(t)}
+        tied |= {_tied_to(t) for t in info.plan.targets if t.adapter == adapter and _tied_to(t)}
         for path in sorted(targets):
-            if path.rpartition(".")[2] in embeddings:
+            if path.rpartition(".")[2] in _EMBEDDING_LAYER_NAMES or path in tied:
                 weight = _layer(model, path).weight
                 assert isinstance(weight, torch.Tensor)
                 yield f"{PREFIX}{path}.base_layer.weight", weight
@@ -96,8 +105,12 @@ def is_base_tensor(key: str) -> bool:
 def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     """The adapter file's contents: detached, contiguous tensors by PEFT key."""
     out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for key, tensor in adapter_tensors(model, adapter):
         out[key] = tensor.detach().contiguous()
+        if id(tensor) in seen:  # a tensor held twice is written twice, as peft does
+            out[key] = out[key].clone()
+        seen.add(id(tensor))
     return out
 
 
@@ -149,6 +162,35 @@ def _layer(model: nn.Module, path: str) -> nn.Module:
     raise KeyError(path)
 
 
-def _names_target(settings: object, name: str) -> bool:
-    targets = getattr(settings, "targets", None)
-    return getattr(targets, "kind", None) == "names" and name in getattr(targets, "names", ())
+def _tied_to(target: Any) -> Any:
+    return getattr(target.settings, "tied_to", None)
+
+
+def _saves_embeddings(settings: object, targets: list[Any], paths: Iterable[str]) -> bool:
+    """PEFT's ``save_embedding_layers="auto"``: ``target_modules`` (as PEFT has it after
+    ``ensure_weight_tying`` added the input embedding and dropped the tied layers' names)
+    names an embedding layer, or is a regex matching a module ``paths`` so names, and the
+    adapter trains no token rows."""
+    if getattr(settings, "method", None) == "trainable_tokens":
+        return False
+    if getattr(settings, "trainable_token_indices", None) is not None:
+        return False
+    selector = getattr(settings, "targets", None)
+    kind = getattr(selector, "kind", None)
+    tied = [t for t in targets if _tied_to(t) and t.method == getattr(settings, "method", None)]
+    if kind == "regex":
+        pattern = str(getattr(selector, "pattern", ""))
+        if tied:  # PEFT's _add_targets_to_tie
+            pattern = rf"(?:{pattern}|^{re.escape(_tied_to(tied[0]))}$)"
+        named = re.compile(rf"(.*\.)?({'|'.join(_EMBEDDING_LAYER_NAMES)})$")
+        return any(named.match(p) and re.fullmatch(pattern, p) for p in paths)
+    if kind != "names":
+        return False
+    names = list(getattr(selector, "names", ()))
+    if tied:  # PEFT's _add_targets_to_tie
+        names.append(_tied_to(tied[0]))
+        for key in (t.path for t in tied):
+            hit = next((m for m in names if re.match(rf"(^|.*\.){m}($|\..*)", key)), None)
+            if hit is not None:
+                names.remove(hit)
+    return any(n in names for n in _EMBEDDING_LAYER_NAMES)

@@ -17,12 +17,15 @@ from torch import fx, nn
 from adaptc.compiler import CompileError, compiled, rebuild
 from adaptc.compiler.clone import share_clone
 from adaptc.compiler.compile import unwrap_adapted_layers
+from adaptc.compiler.parameters import renest, slots_by_path
 from adaptc.compiler.saved import ModulesToSave, trainable_copy
+from adaptc.compiler.tied import tie_branches
 from adaptc.compiler.trace import is_adapted_graph, wrap_leaf
-from adaptc.layers import kind_of
+from adaptc.layers import PARAMETER_KIND, kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import method
 from adaptc.plan.plan import Plan, build_plan
+from adaptc.plan.replicate import ranges_text, spec_replication
 from adaptc.spec import Spec, load_spec
 
 __all__ = ["RecompileNeeded", "add_adapter", "delete_adapter"]
@@ -42,25 +45,41 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     taken = sorted(set(names) & set(info.spec.adapters))
     if taken:
         raise CompileError(f"the model already has adapter {taken[0]!r}")
-    plan = build_plan(_original_view(model), _with_task(new_spec, info.spec))
+    ranges, mine = spec_replication(info.spec), spec_replication(new_spec)
+    if mine != ranges and info.spec.adapters:  # a recompile would not help: not RecompileNeeded
+        raise CompileError(
+            f"adapter {names[0]!r}: layer_replication must be the model's "
+            f"({ranges_text(ranges)}, not {ranges_text(mine)}): its adapters share its layers"
+        )
+    plan = build_plan(_original_view(model), _with_task(new_spec, info.spec), replicated=True)
     layers = _layers_by_original_path(model)
     saved = {p: m for p, m in layers.items() if isinstance(m, ModulesToSave)}
     reason = _recompile_reason(new_spec, plan, saved)
     if reason is not None:
         raise RecompileNeeded(reason)
     called = _called_layers(model)
+    slots = slots_by_path(model)
     built = []  # every branch first: a refusal leaves the model as it was
+    by_target: dict[tuple[str, str, str], Branch] = {}
     for target in plan.targets:
-        layer = layers[target.path]
+        if target.layer_type == PARAMETER_KIND and target.path not in slots:
+            raise RecompileNeeded(
+                f"adapter {target.adapter!r} targets {target.path}, a parameter the model "
+                "does not adapt yet: compile the original model with every adapter"
+            )
+        layer = slots[target.path] if target.layer_type == PARAMETER_KIND else layers[target.path]
         entry = method(target.method)
         branch, replaced = entry.make_branch(kind_of(layer), layer, target.settings)
         assert not replaced, "_recompile_reason refuses inits that rewrite base weights"
         built.append((layer, entry.child_name(target.adapter), branch))
+        by_target[(target.adapter, target.method, target.path)] = branch
+        tie_branches([target], by_target)  # a tied output head follows the input embedding
     for layer, child_name, branch in built:
         layer.add_module(child_name, branch)
         if id(layer) not in called:
             _replace(model, layer, wrap_leaf(layer))
             called.add(id(layer))
+    renest(model)
     for name, path, _ in plan.modules_to_save:
         saved[path].modules_to_save[name] = trainable_copy(saved[path].original_module)
     info.spec = info.spec.with_adapters({**info.spec.adapters, **new_spec.adapters})
@@ -94,7 +113,7 @@ def _recompile_reason(spec: Spec, plan: Plan, saved: dict[str, ModulesToSave]) -
     return None
 
 
-_REWRITING_INITS = ("pissa", "olora")  # inits that replace the base weight (PiSSA, OLoRA)
+_REWRITING_INITS = ("pissa", "olora", "loftq")  # inits that replace the base weight
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -110,10 +129,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise CompileError(
             f"Cannot delete adapter(s) [{name!r}] while they are merged. Please unmerge them first."
         )
-    child_name = method(info.spec.adapters[name].method).child_name(name)
-    for module in model.modules():
-        if isinstance(module._modules.get(child_name), Branch):
-            del module._modules[child_name]
+    for module in list(model.modules()):  # its branches of every method (LoRA's tokens too)
+        for key, child in list(module._modules.items()):
+            if isinstance(child, Branch) and child.adapter == name:
+                del module._modules[key]
         if isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]
     adapters = {k: v for k, v in info.spec.adapters.items() if k != name}

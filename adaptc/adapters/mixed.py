@@ -41,6 +41,7 @@ from adaptc.methods.base import Branch
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.embedding import EmbeddingBranch, embed_scale
 from adaptc.methods.lora.method import rule_for
+from adaptc.methods.lora.parameter import ParameterLoraBranch
 from adaptc.methods.lora.variants import variant_title
 
 __all__ = ["BASE", "MixedBatchError", "adapter_ids", "adapter_names", "mixed_batch"]
@@ -168,6 +169,11 @@ def _check_supported(model: nn.Module) -> None:
     if not branches:
         raise MixedBatchError("the model has no adapter branches (merged?): nothing to mix")
     for b in branches:
+        if isinstance(b, ParameterLoraBranch):
+            raise MixedBatchError(
+                f"{b.target}: a targeted parameter cannot mix adapters in one batch (its "
+                "update is added to the weight all samples share; PEFT refuses it too)"
+            )
         if not isinstance(b, LoraBranch):
             raise MixedBatchError(f"{b.target}: adapter {b.adapter!r} is a {b.method} adapter; "
                                   "mixed batches support LoRA adapters only")  # fmt: skip

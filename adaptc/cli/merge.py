@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
                 model_class(ref, None)
             )
             requantize = spec.quantization is not None and spec.quantization.merge == "requantize"
-            if new_head or requantize:  # a requantized checkpoint: from the quantized model
+            # targeted parameters (fused experts) are not the checkpoint's tensors, which
+            # transformers converts on loading and saving: merged in memory
+            fused = any(getattr(a, "target_parameters", None) for a in spec.adapters.values())
+            if new_head or requantize or fused:  # requantized: from the quantized model
                 raise _InMemory(spec, new_head=new_head, requantize=requantize)
             return build_model(ref, task_type=None, meta=True)
 
@@ -149,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 class _InMemory(Exception):
     """The adapter is merged in memory: its task needs another model class than the
-    checkpoint's, or its spec asks for a requantized (quantized) checkpoint."""
+    checkpoint's, its spec asks for a requantized (quantized) checkpoint, or it targets
+    parameters (a mixture of experts' fused stacks, which checkpoints keep per expert)."""
 
     def __init__(self, spec: Spec, *, new_head: bool, requantize: bool) -> None:
         super().__init__(spec.task_type)

@@ -25,16 +25,24 @@ from adaptc.compiler import retrace  # noqa: F401  (installs the pattern hooks)
 from adaptc.compiler.clone import share_clone
 from adaptc.compiler.errors import AdaptcWarning, CompileError, NoTargetsError
 from adaptc.compiler.inplace import unmerged
+from adaptc.compiler.parameters import (
+    ParameterHost,
+    host_parameters,
+    merged_owner,
+    parameter_slots,
+)
 from adaptc.compiler.passes import QuantizedMerge, merge_graph, merged_layer
 from adaptc.compiler.saved import ModulesToSave
 from adaptc.compiler.state import STATE, Compiled, compiled, compiled_info, rebuild
+from adaptc.compiler.tied import merge_tied, tie_branches, untie_config
 from adaptc.compiler.trace import AdaptedLayer, drop_checkpoint_hooks, frontier, is_adapted_graph
 from adaptc.dtypes import DTYPES
-from adaptc.layers import kind_of
+from adaptc.layers import PARAMETER_KIND, kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import branches_of, method
 from adaptc.plan.match import TargetError
 from adaptc.plan.plan import Plan, PlannedTarget, build_plan
+from adaptc.plan.replicate import replicated, separate_copies, spec_replication
 from adaptc.spec import Spec, load_spec
 
 __all__ = [
@@ -78,20 +86,26 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     spec = load_spec(spec)
     _check_not_compiled(model, spec)
     try:
-        plan = build_plan(model, spec)
+        ranges = spec_replication(spec)  # layer_replication: a new stack beside the original's
+        base = model if ranges is None else replicated(model, ranges)
+        plan = build_plan(base, spec, replicated=True)
     except TargetError as exc:
         raise NoTargetsError(str(exc)) from None
     except ValueError as exc:
         raise CompileError(str(exc)) from None
     for message in plan.warnings:
         warnings.warn(message, AdaptcWarning, stacklevel=4)  # the caller of adaptc.compile
-    new = share_clone(model)
+    new = share_clone(base)
     modules = dict(new.named_modules(remove_duplicate=False))
-    targets = _attach_branches(modules, plan)
+    active = (next(iter(spec.adapters)),)
+    parameters = [t for t in plan.targets if t.layer_type == PARAMETER_KIND]
+    slots, owners = parameter_slots(new, parameters)  # a targeted parameter's "layer"
+    targets = _attach_branches({**modules, **slots}, plan)
     _make_biases_trainable(new, plan)
+    targets -= {id(s) for s in slots.values()}  # their hosts are the leaves
+    targets |= host_parameters(new, owners, active)
     wrappers = _wrap_modules_to_save(new, plan)
     holders = _holders(new, targets)
-    active = (next(iter(spec.adapters)),)
     root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active)
     root.__dict__[STATE] = Compiled(spec, plan, active)
     return merge(root) if spec.merge else root
@@ -152,8 +166,12 @@ def _merge(
     names = adapters if adapters is not None else list(info.active)
     with unmerged(model):  # merged in place: merge from the original weights
         new = share_clone(model)
+    separate_copies(new, info.spec)  # a replicated layer's copies: each merges on its own
+    notes = merge_tied(new, names, safe=safe)  # weights tied layers share: merged once
     for module in list(new.modules()):
-        if isinstance(module, AdaptedLayer):  # unwrapped below: no graph to rebuild
+        if isinstance(module, ParameterHost):  # unwrapped below: the module, merged
+            module._modules["base_layer"] = merged_owner(module, names, safe=safe)
+        elif isinstance(module, AdaptedLayer):  # unwrapped below: no graph to rebuild
             layer = module._modules["base_layer"]
             assert layer is not None
             if branches_of(layer):
@@ -165,6 +183,8 @@ def _merge(
     new = unwrap_adapted_layers(new)
     new.__dict__.pop(STATE, None)  # a plain model: it can be compiled again
     drop_checkpoint_hooks(new)  # the base model did not have them
+    for note in notes + untie_config(new):
+        warnings.warn(note, AdaptcWarning, stacklevel=4)  # the caller of adaptc.merge
     return new
 
 
@@ -186,8 +206,11 @@ def _check_not_compiled(model: nn.Module, spec: Spec) -> None:
 def _attach_branches(modules: dict[str, nn.Module], plan: Plan) -> set[int]:
     """Build each planned branch under its (copied) layer; returns the ids of target layers."""
     leaves: set[int] = set()
+    built: dict[tuple[str, str, str], Branch] = {}
     for target in plan.targets:
-        attach_branch(modules[target.path], target)
+        branch = attach_branch(modules[target.path], target)
+        built[(target.adapter, target.method, target.path)] = branch
+        tie_branches([target], built)  # a tied output head follows the input embedding
         leaves.add(id(modules[target.path]))
     return leaves
 
@@ -203,13 +226,20 @@ def attach_branch(layer: nn.Module, target: PlannedTarget) -> Branch:
 
 
 def _make_biases_trainable(model: nn.Module, plan: Plan) -> None:
-    """Trainable biases get their own storage, so training never writes into the original."""
+    """Trainable biases get their own storage, so training never writes into the original.
+    A bias several modules hold (the copies of a replicated layer) stays one, as in PEFT."""
+    trained: dict[int, nn.Parameter] = {}  # id(frozen bias) -> its trainable copy
     for name, _ in plan.trainable_biases:
         owner_path, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_path)
-        p = owner._parameters[attr]
+        p = model.get_submodule(owner_path)._parameters[attr]
         if p is not None and not p.requires_grad:
-            owner._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=True)
+            trained[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
+    if not trained:
+        return
+    for module in model.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is not None and id(p) in trained:
+                module._parameters[attr] = trained[id(p)]
 
 
 def _wrap_modules_to_save(model: nn.Module, plan: Plan) -> set[int]:

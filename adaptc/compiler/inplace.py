@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from adaptc.compiler.errors import AdaptcWarning, CompileError
+from adaptc.compiler.parameters import ParameterHost, merged_parameters
 from adaptc.compiler.passes import MERGED, merged_layer
 from adaptc.compiler.state import compiled, rebuild
+from adaptc.layers import ParameterSlot
 from adaptc.methods.registry import branches_of
 
 __all__ = ["MergedWeights", "merge_in_place", "merged_adapters", "unmerge_in_place", "unmerged"]
@@ -83,7 +85,12 @@ def merge_in_place(
         return ()
     swaps = []  # every merged layer first: a non-finite weight leaves the model as it was
     layers = _layers(model, todo)
+    for host in (m for m in model.modules() if isinstance(m, ParameterHost)):
+        for owner, name, value in merged_parameters(host, todo, safe=safe):  # its module's
+            swaps.append((owner, "_parameters", name, value))
     for layer in layers:
+        if isinstance(layer, ParameterSlot):  # above: the parameter is its module's
+            continue
         new = merged_layer(layer, todo, safe=safe)
         if type(new) is not type(layer):  # e.g. a quantized layer merges into a float one
             target = next(b.target for b in branches_of(layer, todo))

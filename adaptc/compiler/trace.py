@@ -90,8 +90,10 @@ def frontier(
     def visit(module: nn.Module) -> nn.Module:
         if id(module) in done:  # a module shared by several parents is rewritten once
             return done[id(module)]
-        if id(module) in targets:
-            result: nn.Module = wrap_leaf(module, active)
+        if is_adapted_graph(module):  # built already (a host of targeted parameters)
+            result: nn.Module = module
+        elif id(module) in targets:
+            result = wrap_leaf(module, active)
         else:
             traced = _try_trace(module, leaves, active, traces)
             if traced is not None:

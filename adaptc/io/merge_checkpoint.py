@@ -45,6 +45,7 @@ from adaptc.io.load import (
     resolve_adapter_dir,
 )
 from adaptc.io.tensor_merger import DTYPES, TensorMerger, read_header
+from adaptc.plan.replicate import ranges_text, spec_replication
 from adaptc.spec import Spec
 
 __all__ = [
@@ -189,7 +190,15 @@ def _inputs(
     shards = shard_names(source)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    return source, out, shards, choose_adapter(resolve_adapter_dir(adapter_dir), adapter)
+    chosen = choose_adapter(resolve_adapter_dir(adapter_dir), adapter)
+    ranges = spec_replication(chosen[0])
+    if ranges is not None:
+        raise AdapterLoadError(
+            f"adapter {chosen[1]!r} replicates the model's layers (layer_replication "
+            f"{ranges_text(ranges)}): a merged checkpoint of the new stack is not written yet; "
+            "adaptc.merge() merges it in memory"
+        )
+    return source, out, shards, chosen
 
 
 def _num_labels(tensors: dict[str, torch.Tensor]) -> int | None:

@@ -99,7 +99,7 @@ def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] 
     names; ``all-linear`` (as PEFT does) and ``types`` become the adapted module paths.
     """
     adapter = info.spec.adapters[name]
-    paths = [t.path for t in info.plan.targets if t.adapter == name]
+    paths = [t.path for t in info.plan.selected(name, adapter.method)]  # not tied heads, tokens
     if adapter.layers is not None and not method_spec(adapter.method).peft_has_layers:
         return paths  # PEFT's config cannot restrict layers: the modules it resolved to
     if isinstance(adapter.targets, (NameTargets, RegexTargets)):
@@ -115,7 +115,7 @@ def _resolved_targets(model: nn.Module, info: Compiled, name: str) -> list[str] 
 
 def _as_peft_resolves(config: dict[str, Any], info: Compiled, name: str) -> None:
     """Fields PEFT rewrites in its config while adapting a model, rewritten the same way."""
-    targets = [t for t in info.plan.targets if t.adapter == name]
+    targets = info.plan.selected(name, info.spec.adapters[name].method)
     if targets and "fan_in_fan_out" in config:  # PEFT forces fan_in_fan_out per layer type
         config["fan_in_fan_out"] = getattr(targets[-1].settings, "fan_in_fan_out", False)
     heads = TASK_MODULES_TO_SAVE.get(str(info.spec.task_type))

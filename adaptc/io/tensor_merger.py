@@ -31,7 +31,7 @@ from adaptc.compiler import CompileError, compile, compiled_info
 from adaptc.compiler.passes import merged_layer
 from adaptc.dtypes import DTYPES as _SPEC_DTYPES
 from adaptc.io.load import AdapterLoadError
-from adaptc.layers import kind_of
+from adaptc.layers import ParameterSlot, kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import method
 from adaptc.plan.plan import PlannedTarget
@@ -121,12 +121,16 @@ class TensorMerger:
             t.path: t for t in info.plan.targets if t.adapter == adapter
         }
         self.ops: dict[str, _Merge | _Copy | _Dequantize] = {}  # model key -> its new value
-        lora = {f"{PREFIX}{b.target}.{n}" for b in self.branches.values() for n, _ in
+        lora = {f"{PREFIX}{b.file_path}.{n}" for b in self.branches.values() for n, _ in
                 b.file_tensors()}  # fmt: skip
         for path, branch in self.branches.items():
+            if isinstance(self.layers[path], ParameterSlot):  # refused: _check_mergeable
+                continue
+            if branch.tied_to is not None:  # a tied head: its weight is its source's, stored
+                continue  # once (and its update is the source's)
             for attr in _merged_weights(self.layers[path]):
                 self.ops[f"{root}{path}.{attr}"] = _Merge(path, attr)
-            if branch.lora_bias:
+            if getattr(branch, "lora_bias", False):
                 self.ops[f"{root}{path}.bias"] = _Merge(path, "bias")
         for key in tensors:
             if key in lora or is_base_tensor(key):  # a targeted embedding's frozen weight
@@ -202,7 +206,16 @@ class TensorMerger:
                 "(merge_in_memory, as `adaptc merge` does) or set merge: dequantize"
             )
         for path, branch in self.branches.items():
-            if branch.lora_bias and getattr(self.layers[path], "bias", None) is None:
+            if isinstance(self.layers[path], ParameterSlot):
+                raise AdapterLoadError(
+                    f"{name}: it targets the parameter {self.root}{path}, which a checkpoint "
+                    "keeps in another form (transformers converts fused experts when loading "
+                    "and saving); merge it in memory (merge_in_memory, as `adaptc merge` does)"
+                )
+            if (
+                getattr(branch, "lora_bias", False)
+                and getattr(self.layers[path], "bias", None) is None
+            ):
                 raise AdapterLoadError(
                     f"{name}: {self.root}{path} has lora_bias but the layer has no bias, so "
                     "the update cannot be merged into the checkpoint (peft refuses it too)"
@@ -301,8 +314,9 @@ class TensorMerger:
         twin = _real_copy(self.layers[path], attr, tensor)
         target = self.targets[path]
         entry = method(target.method)
-        if attr == "weight" and getattr(target.settings, "init", None) in ("pissa", "olora"):
-            # the residual is the base weight the merge starts from
+        init = getattr(target.settings, "init", None)
+        if attr == "weight" and init in ("pissa", "olora", "loftq"):
+            # the residual (LoftQ: the quantized weight) is the base weight the merge starts from
             _, replaced = entry.make_branch(kind_of(twin), twin, target.settings)
             twin._parameters["weight"] = nn.Parameter(replaced["weight"], requires_grad=False)
         branch = copy.deepcopy(self.branches[path]).to_empty(device="cpu")

@@ -16,6 +16,7 @@ from adaptc.layers.base import (
 from adaptc.layers.bnb import Bnb4bitKind, Bnb8bitKind
 from adaptc.layers.hqq import HqqKind
 from adaptc.layers.mha import MultiheadAttentionKind
+from adaptc.layers.parameter import PARAMETER_KIND, ParameterKind, ParameterSlot
 from adaptc.layers.quanto import QuantoKind
 from adaptc.layers.standard import Conv1DKind, ConvKind, EmbeddingKind, LinearKind
 from adaptc.layers.torchao import TorchaoKind
@@ -33,8 +34,10 @@ register(ConvKind("nn.Conv1d", nn.Conv1d))
 register(ConvKind("nn.Conv2d", nn.Conv2d))
 register(ConvKind("nn.Conv3d", nn.Conv3d))
 register(MultiheadAttentionKind())
+register(ParameterKind())  # a targeted nn.Parameter (target_parameters), never a module
 
 __all__ = [
+    "PARAMETER_KIND",
     "Bnb4bitKind",
     "Bnb8bitKind",
     "Conv1DKind",
@@ -44,6 +47,8 @@ __all__ = [
     "LayerKind",
     "LinearKind",
     "MultiheadAttentionKind",
+    "ParameterKind",
+    "ParameterSlot",
     "QuantoKind",
     "TorchaoKind",
     "UnsupportedLayerError",

@@ -48,6 +48,7 @@ class LayerKind:
     layer_type: type[nn.Module]
     linear: bool = False  # a linear layer: selected by `all-linear` (PEFT's rule)
     quantized: bool = False  # its weight is quantized: a merge dequantizes or requantizes
+    module: bool = True  # a module kind (selected by targets); False: a targeted parameter
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.layer_type)
@@ -82,6 +83,26 @@ class LayerKind:
         twin of the layer to count its parameters); a kind whose tensor subclass has no
         ``empty_like`` gives a plain tensor its :meth:`weight` reads."""
         return nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+
+    def shape_key(self, module: nn.Module) -> tuple[object, ...]:
+        """What decides the size of a branch on ``module`` besides the settings (planning
+        counts one branch per key): its parameters' names and shapes."""
+        return tuple((k, tuple(p.shape)) for k, p in module.named_parameters(recurse=False))
+
+    def meta_twin(self, module: nn.Module) -> nn.Module:
+        """A shallow copy of the leaf ``module`` whose tensors live on the meta device
+        (planning builds a branch on it to count its parameters)."""
+        twin = copy.copy(module)
+        twin._parameters = {
+            k: None if p is None else self.meta_parameter(module, k, p)
+            for k, p in module._parameters.items()
+        }
+        twin._buffers = {
+            k: None if b is None else torch.empty_like(b, device="meta")
+            for k, b in module._buffers.items()
+        }
+        twin._modules = {}
+        return twin
 
     def share_state(self, module: nn.Module, state: dict[str, Any]) -> None:
         """Give the compiled model's copy of ``module`` (its ``__dict__``, ``state``) its own
@@ -135,7 +156,8 @@ def kinds() -> tuple[LayerKind, ...]:
 
 
 def kind_names() -> tuple[str, ...]:
-    return tuple(kind.name for kind in _KINDS)
+    """The names of the module kinds (what ``targets: {kind: types}`` can name)."""
+    return tuple(kind.name for kind in _KINDS if kind.module)
 
 
 def find_kind(module: nn.Module) -> LayerKind | None:

@@ -11,4 +11,5 @@ A method package holds two modules the rest of adaptc reads:
 Adding a method is a new package and one entry in :data:`NAMES` (docs/development.md).
 """
 
-NAMES: tuple[str, ...] = ("lora", "ia3")  # the registration: package names, in schema order
+# the registration: package names, in schema order
+NAMES: tuple[str, ...] = ("lora", "ia3", "trainable_tokens")

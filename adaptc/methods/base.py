@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind
 
-__all__ = ["Branch", "Method", "Settings", "UnsupportedByMethodError"]
+__all__ = ["Branch", "Companions", "Method", "Settings", "UnsupportedByMethodError"]
 
 
 class UnsupportedByMethodError(ValueError):
@@ -31,10 +31,13 @@ class Settings:
     """Marker base of a method's per-target settings (frozen dataclasses).
 
     Every settings class has the fields ``adapter`` (the adapter's name) and ``target``
-    (the module's path in the user's model)."""
+    (the module's path in the user's model). A target *tied* to another one of its
+    adapter (an output head sharing the input embedding's weight) names it in
+    ``tied_to``: the compiler then ties the two branches (:meth:`Method.tie`)."""
 
     adapter: str
     target: str
+    tied_to: str | None = None  # the path of the target whose branch this one follows
 
 
 class Branch(nn.Module):
@@ -44,10 +47,25 @@ class Branch(nn.Module):
     method: ClassVar[str]
     adapter: str
     target: str
+    tied_to: str | None = None  # set by Method.tie: the target of the branch it follows
+
+    @property
+    def file_path(self) -> str:
+        """The path an adapter file keeps the branch's tensors under (the target's)."""
+        return self.target
 
     def file_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for what an adapter file holds, relative to the target."""
+        """``(name, tensor)`` for what an adapter file holds, relative to :attr:`file_path`."""
         yield from self.named_parameters()
+
+
+@dataclass(frozen=True)
+class Companions:
+    """What :meth:`Method.companions` adds to an adapter: ``(method, path, settings)`` per
+    target, and warnings for the plan."""
+
+    targets: tuple[tuple[Method, str, Settings], ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 class Method(ABC):
@@ -80,6 +98,22 @@ class Method(ABC):
         the method has some beside its targets (IA3's feed-forward modules); a ValueError
         when PEFT has none. Default: ``spec`` as it is."""
         return spec
+
+    def with_model(self, spec: Any, model: nn.Module) -> Any:
+        """The adapter's spec model with what PEFT derives from the model itself (its
+        input embedding, its tied weights) filled in, after :meth:`with_defaults`. Default:
+        ``spec`` as it is."""
+        return spec
+
+    def companions(
+        self, model: nn.Module, spec: Any, adapter: str, targets: tuple[str, ...]
+    ) -> Companions:
+        """The adapter's targets beyond those its selectors resolved to (``targets``):
+        layers tied to a target, LoRA's trainable tokens. ``spec`` is the adapter as given
+        (after :meth:`with_defaults`, before :meth:`with_model`). A companion on a path
+        that ``targets`` holds replaces that target. Raises ValueError as :meth:`check`
+        does. Default: none."""
+        return Companions()
 
     @abstractmethod
     def settings(
@@ -132,6 +166,11 @@ class Method(ABC):
         ``current`` the output so far (``call`` itself, or the previous adapter's sum).
         A method may rewrite ``call``'s input (IA3 on a feed-forward layer scales it);
         the caller rewires the users of ``current`` to the returned node."""
+
+    def tie(self, branch: Branch, source: Branch, settings: Settings) -> None:
+        """Make ``branch`` (of a target whose ``settings`` name ``tied_to``) follow
+        ``source``, the branch on that path: share or view its tensors. Default: refused."""
+        raise ValueError(f"{branch.target}: {self.title} branches cannot be tied")
 
     # --- merge --------------------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,12 @@ from adaptc.peft.config import (
     TaskType,
     get_peft_config,
 )
+from adaptc.peft.init_configs import EvaConfig, LoftQConfig
+from adaptc.peft.lora_init import (
+    get_eva_state_dict,
+    initialize_lora_eva_weights,
+    replace_lora_weights_loftq,
+)
 from adaptc.peft.mapping import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -80,6 +86,8 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "LoraRuntimeConfig",
@@ -102,14 +110,17 @@ __all__ = [
     "TunerModelStatus",
     "cast_mixed_precision_params",
     "get_base_model_state_dict",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     *sorted(set(_CONFIGS) - {"LoraConfig"}),

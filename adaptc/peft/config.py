@@ -3,7 +3,7 @@
 ``LoraConfig`` is a mutable dataclass, as PEFT's is; it validates itself on creation by
 converting to an adaptc :class:`~adaptc.Spec` through the PEFT-format importer, so errors
 are adaptc's one-line messages naming PEFT's keys. Arguments for features adaptc does not
-implement (QALoRA, EVA, LoftQ, …) keep PEFT's defaults; any other value is refused by name.
+implement (QALoRA, CorDA, …) keep PEFT's defaults; any other value is refused by name.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 
 from adaptc.compiler import NoTargetsError, compiled_info
 from adaptc.io.push import push_files
+from adaptc.peft.init_configs import normalise_init_configs
 from adaptc.spec import Spec, from_peft_config
 from adaptc.spec.load import PEFT_CONFIG_NAME
 from adaptc.spec.method import PEFT_FORMAT_VERSION, method_specs
@@ -111,6 +112,12 @@ SUPPORTED_ARGUMENTS = frozenset(
         "use_dora",
         "lora_bias",
         "alora_invocation_tokens",
+        "loftq_config",
+        "eva_config",
+        "target_parameters",
+        "layer_replication",
+        "trainable_token_indices",
+        "ensure_weight_tying",
     }
 )
 
@@ -338,6 +345,10 @@ class LoraConfig(PeftConfig):
     PEFT_TYPE: ClassVar[str] = "LORA"
     SUPPORTED: ClassVar[frozenset[str]] = SUPPORTED_ARGUMENTS
 
+    def __post_init__(self) -> None:
+        normalise_init_configs(self)  # loftq_config / eva_config, as PEFT's __post_init__
+        super().__post_init__()
+
 
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig}  # peft_type -> class
 
@@ -386,7 +397,7 @@ def config_of(compiled: nn.Module, name: str, inference_mode: bool) -> Any:
     try:
         data = info.spec.to_peft_config(name)
     except ValueError:  # a selector PEFT cannot express (`types`): the resolved module paths
-        paths = [t.path for t in info.plan.targets if t.adapter == name]
+        paths = [t.path for t in info.plan.selected(name, info.spec.adapters[name].method)]
         data = info.spec.to_peft_config(name, target_modules=paths)
     config: PeftConfig = config_class(data).from_dict(data)
     config.inference_mode = inference_mode

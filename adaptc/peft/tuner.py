@@ -38,7 +38,7 @@ from adaptc.api import compile, merge
 from adaptc.compiler import NoTargetsError, compiled_info, merge_in_place, unmerge_in_place
 from adaptc.compiler import merged_adapters as merged_names
 from adaptc.compiler.saved import ModulesToSave
-from adaptc.layers import kind_of
+from adaptc.layers import PARAMETER_KIND, kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.targets import LORA_TARGET_MODULES
@@ -187,11 +187,16 @@ class LoraModel(nn.Module):
         """The paths (in the user's model) of the layers the adapters target, as PEFT's."""
         info = compiled_info(self.model)
         assert info is not None
-        return list(dict.fromkeys(t.path for t in info.plan.targets))
+        modules = (t.path for t in info.plan.targets if t.layer_type != PARAMETER_KIND)
+        return list(dict.fromkeys(modules))
 
     @property
     def targeted_parameter_names(self) -> list[str]:
-        return []  # adaptc targets modules (target_parameters is not supported yet)
+        """The parameters adapted through ``target_parameters`` (PEFT's keys)."""
+        info = compiled_info(self.model)
+        assert info is not None
+        params = (t.path for t in info.plan.targets if t.layer_type == PARAMETER_KIND)
+        return list(dict.fromkeys(params))
 
     def set_requires_grad(
         self, adapter_names: str | Sequence[str], requires_grad: bool = True

@@ -39,11 +39,19 @@ from adaptc.spec.model import (
     AllLinearTargets,
     LayerSelection,
     NameTargets,
+    NoTargets,
     RegexTargets,
     TypeTargets,
 )
 
-__all__ = ["TargetError", "TargetMatch", "layer_type_name", "model_type", "resolve_targets"]
+__all__ = [
+    "TargetError",
+    "TargetMatch",
+    "closest_names",
+    "layer_type_name",
+    "model_type",
+    "resolve_targets",
+]
 
 # PEFT's ModulesToSaveWrapper refuses these (it cannot call them).
 _NOT_SAVABLE = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
@@ -84,6 +92,7 @@ class _Selector:
     exact_skips_layers: bool = False  # PEFT: `key in target_modules` bypasses the layer check
     layers_apply: bool = True  # PEFT ignores layers for a regex
     warn_unmatched: bool = False
+    none: bool = False  # selects no module (an adapter of parameters only)
 
     def hits(self, key: str, module: nn.Module) -> list[str] | None:
         """The entries ``key`` matches (``[]`` for regex/types), or None when it does not."""
@@ -104,6 +113,7 @@ def resolve_targets(
     task_type: str | None = None,
     method: str = "LoRA",
     default_targets: Mapping[str, tuple[str, ...] | str] = LORA_TARGET_MODULES,
+    parameters: bool = False,
 ) -> TargetMatch:
     """The modules of ``model`` that PEFT would adapt (and save) for ``adapter`` (a method's
     spec model: its ``targets``, ``exclude``, ``layers`` and ``modules_to_save``).
@@ -111,13 +121,15 @@ def resolve_targets(
     ``supported`` says whether the ``method`` can wrap a module (default: any layer type
     the spec names, as PEFT would adapt it); ``task_type`` is the spec's, as it changes
     the head PEFT saves and leaves out of ``all-linear``; ``default_targets`` are the
-    method's targets by model type when the adapter names none. Never touches weights.
+    method's targets by model type when the adapter names none. ``parameters``: the
+    adapter also targets parameters, so no module may be selected (``targets: {kind:
+    none}``, or omitted where PEFT has no default targets). Never touches weights.
     """
     modules = [(key, module) for key, module in model.named_modules() if key]
     task = TASK_MODULES_TO_SAVE.get(task_type or "")
     guarded = adapter.modules_to_save + (task.names if task and task.guards_targets else ())
     guards = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in guarded]
-    selector = _selector(model, adapter, modules, task_type, default_targets)
+    selector = _selector(model, adapter, modules, task_type, default_targets, parameters)
     excluded = _exclusion(adapter)
     layers = adapter.layers if selector.layers_apply else None
     patterns = _layer_patterns(layers)
@@ -157,7 +169,7 @@ def resolve_targets(
             else:
                 removed["layers"] += 1
 
-    if not targets:
+    if not targets and not selector.none:
         matched = sum(removed.values())
         if not matched:
             raise TargetError(_no_match(model, modules, selector))
@@ -166,7 +178,7 @@ def resolve_targets(
 
     if selector.warn_unmatched and selector.names is not None:
         for entry in sorted(selector.names - used_entries):
-            close = _closest((entry,), [k for k, _ in modules])
+            close = closest_names((entry,), [k for k, _ in modules])
             hint = f"; did you mean {close[0]!r}?" if close else ""
             warnings.append(f"targets.names entry {entry!r} matched no module{hint}")
     if adapter.exclude is not None and not exclude_used:
@@ -217,8 +229,13 @@ def _selector(
     modules: Sequence[tuple[str, nn.Module]],
     task_type: str | None,
     default_targets: Mapping[str, tuple[str, ...] | str],
+    parameters: bool = False,
 ) -> _Selector:
     t = adapter.targets
+    if isinstance(t, NoTargets) or (
+        parameters and t is None and default_targets.get(model_type(model) or "") is None
+    ):  # PEFT: target_modules None with target_parameters and no default targets
+        return _Selector("no module", names=frozenset(), none=True)
     if isinstance(t, NameTargets):
         names = frozenset(t.names)
         return _Selector(
@@ -368,7 +385,7 @@ def _has_type_name(module: nn.Module) -> bool:
 def _no_match(
     model: nn.Module, modules: Sequence[tuple[str, nn.Module]], selector: _Selector
 ) -> str:
-    close = _closest(selector.queries, [k for k, _ in modules])
+    close = closest_names(selector.queries, [k for k, _ in modules])
     hint = f"; closest names: {', '.join(close)}" if close else ""
     return (
         f"{selector.label} matched no module of {type(model).__name__}{hint}; "
@@ -395,7 +412,7 @@ def _all_removed(
     )
 
 
-def _closest(queries: Iterable[str], keys: Sequence[str]) -> list[str]:
+def closest_names(queries: Iterable[str], keys: Sequence[str]) -> list[str]:
     """Up to five module names like ``queries``: last components, same-depth tails, paths."""
     found: list[str] = []
     for query in queries:

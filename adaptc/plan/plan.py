@@ -7,18 +7,19 @@ modules to save and the biases that will train. It works on the meta device.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from adaptc.counting import parameter_count
 from adaptc.layers import LayerKind, find_kind
-from adaptc.methods.base import Method, Settings
+from adaptc.methods.base import Companions, Method, Settings
 from adaptc.methods.registry import method
-from adaptc.plan.match import model_type, resolve_targets
+from adaptc.plan.match import TargetError, model_type, resolve_targets
+from adaptc.plan.parameters import resolve_parameters
+from adaptc.plan.replicate import replicated as replicate
+from adaptc.plan.replicate import spec_replication
 from adaptc.spec import Spec, load_spec
 
 __all__ = ["Plan", "PlannedTarget", "build_plan", "plan_target"]
@@ -103,6 +104,17 @@ class Plan:
             self.warnings + other.warnings,
         )
 
+    def selected(self, adapter: str, method: str) -> tuple[PlannedTarget, ...]:
+        """The targets of ``adapter`` (of ``method``) that its selectors chose: not its
+        companions (layers tied to a target, LoRA's trainable tokens)."""
+        return tuple(
+            t
+            for t in self.targets
+            if t.adapter == adapter
+            and t.method == method
+            and getattr(t.settings, "tied_to", None) is None
+        )
+
     def without_adapter(self, name: str) -> Plan:
         return replace(
             self,
@@ -164,9 +176,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
-    """Resolve ``spec`` against ``model``. Raises a one-line ``ValueError`` on any problem."""
+def build_plan(model: nn.Module, spec: Spec | Any, *, replicated: bool = False) -> Plan:
+    """Resolve ``spec`` against ``model``. Raises a one-line ``ValueError`` on any problem.
+
+    A spec with ``layer_replication`` is resolved on the model with its layers replicated
+    (:func:`~adaptc.plan.replicate.replicated`); ``replicated=True`` says ``model`` already
+    is (the compiler's structure, a compiled model)."""
     spec = load_spec(spec)
+    ranges = spec_replication(spec)
+    if ranges is not None and not replicated:
+        model = replicate(model, ranges)
     modules = dict(model.named_modules())
     targets: list[PlannedTarget] = []
     saved: list[tuple[str, str, int]] = []
@@ -175,6 +194,8 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
     for name, adapter in spec.adapters.items():
         entry = method(adapter.method)
         adapter = entry.with_defaults(adapter, model_type(model))
+        given = adapter  # (companions decide from the adapter as given, not with_model's)
+        adapter = entry.with_model(adapter, model)
         match = resolve_targets(
             model,
             adapter,
@@ -183,6 +204,7 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
             task_type=spec.task_type,
             method=entry.title,
             default_targets=entry.default_targets,
+            parameters=getattr(adapter, "target_parameters", None) is not None,
         )
         warnings.extend(match.warnings)
         for path in match.targets:
@@ -197,6 +219,22 @@ def build_plan(model: nn.Module, spec: Spec | Any) -> Plan:
                 and getattr(module, "bias", None) is not None
             ):
                 bias_paths.add(f"{path}.bias")
+        entries = getattr(adapter, "target_parameters", None)
+        if entries is not None:
+            found = resolve_parameters(model, entries, match.targets)
+            if not found.slots and not match.targets:
+                hints = "; ".join(found.warnings)
+                raise TargetError(f"target_parameters matched no parameter ({hints})")
+            warnings.extend(found.warnings)
+            for path, slot in found.slots:
+                kind = find_kind(slot)
+                assert kind is not None
+                settings = entry.settings(kind, slot, path, name, adapter)
+                warnings.extend(entry.check(kind, slot, settings))
+                targets.append(plan_target(entry, kind, slot, settings))
+        extra = entry.companions(model, given, name, match.targets)  # tied layers, tokens
+        warnings.extend(extra.warnings)
+        targets = _with_companions(targets, extra, name, model, warnings)
         for path in match.modules_to_save:  # get_submodule: a saved module may have two names
             numel = sum(p.numel() for p in model.get_submodule(path).parameters())
             saved.append((name, path, numel))
@@ -214,6 +252,28 @@ def _is_bias(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")
 
 
+def _with_companions(
+    targets: list[PlannedTarget],
+    extra: Companions,
+    adapter: str,
+    model: nn.Module,
+    warnings: list[str],
+) -> list[PlannedTarget]:
+    """``targets`` with the adapter's companions after them (their checks' warnings into
+    ``warnings``); one on a path the adapter already targets with its method replaces it."""
+    if not extra.targets:
+        return targets
+    replaced = {(entry.name, path) for entry, path, _ in extra.targets}
+    kept = [t for t in targets if t.adapter != adapter or (t.method, t.path) not in replaced]
+    for entry, path, settings in extra.targets:
+        module = model.get_submodule(path)
+        kind = find_kind(module)
+        assert kind is not None, path
+        warnings.extend(entry.check(kind, module, settings))
+        kept.append(plan_target(entry, kind, module, settings))
+    return kept
+
+
 def _supports(entry: Method, module: nn.Module) -> bool:
     kind = find_kind(module)
     return kind is not None and entry.supports(kind)
@@ -223,10 +283,10 @@ def plan_target(
     entry: Method, kind: LayerKind, module: nn.Module, settings: Settings
 ) -> PlannedTarget:
     fan_in, fan_out = kind.features(module)
-    shapes = tuple((k, tuple(p.shape)) for k, p in module.named_parameters(recurse=False))
-    key = (entry.name, kind.name, type(module), shapes, replace(settings, target="", adapter=""))  # type: ignore[type-var]
+    bare = replace(settings, target="", adapter="")  # type: ignore[type-var]
+    key = (entry.name, kind.name, type(module), kind.shape_key(module), bare)
     if key not in _PARAM_COUNTS:  # layers of one shape have one count: build one meta branch
-        branch, _ = entry.make_branch(kind, _meta_twin(kind, module), settings)
+        branch, _ = entry.make_branch(kind, kind.meta_twin(module), settings)
         tensors = list(branch.parameters())
         frozen = sum(p.numel() for p in tensors if not p.requires_grad)
         _PARAM_COUNTS[key] = (sum(p.numel() for p in tensors), frozen)
@@ -245,18 +305,3 @@ def plan_target(
 
 
 _PARAM_COUNTS: dict[tuple[Any, ...], tuple[int, int]] = {}  # (params, frozen_params)
-
-
-def _meta_twin(kind: LayerKind, module: nn.Module) -> nn.Module:
-    """A shallow copy of a leaf whose tensors live on the meta device (for counting)."""
-    twin = copy.copy(module)
-    twin._parameters = {
-        k: None if p is None else kind.meta_parameter(module, k, p)
-        for k, p in module._parameters.items()
-    }
-    twin._buffers = {
-        k: None if b is None else torch.empty_like(b, device="meta")
-        for k, b in module._buffers.items()
-    }
-    twin._modules = {}
-    return twin

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 from pydantic_core import ErrorDetails
 
 __all__ = ["SpecError", "SpecIssue", "SpecWarning", "issues_from_validation_error", "one_line"]
@@ -149,6 +149,10 @@ def _clean_loc(root: type[BaseModel], raw: Iterable[str | int]) -> tuple[Loc, An
     tp: Any = root
     parent: Any = None
     for seg in raw:
+        tagged = _tagged_members(tp).get(seg)
+        if tagged is not None:  # a callable discriminator's tag (a list or a mapping form)
+            tp = tagged
+            continue
         tp = _unwrap(tp)
         if typing.get_origin(tp) is dict:  # a user's key, whatever it looks like
             loc.append(seg)
@@ -181,6 +185,27 @@ def _unwrap(tp: Any) -> Any:
                 tp = args[0]
                 continue
         return tp
+
+
+def _tagged_members(tp: Any) -> dict[Any, Any]:
+    """The members of a union tagged with pydantic's ``Tag``, by tag (else empty)."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                break
+            tp = args[0]
+        else:
+            return {}
+    found: dict[Any, Any] = {}
+    for arg in typing.get_args(tp):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, Tag):
+                found[meta.tag] = arg
+    return found
 
 
 def _union_members(tp: Any) -> list[Any] | None:

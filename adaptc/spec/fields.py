@@ -40,12 +40,14 @@ __all__ = [
     "ModulesToSaveField",
     "NameList",
     "NameTargets",
+    "NoTargets",
     "PositiveInt",
     "PositiveNumber",
     "Regex",
     "RegexTargets",
     "Targets",
     "TargetsField",
+    "TokenIndices",
     "TypeTargets",
     "check_selection",
     "closed",
@@ -175,8 +177,19 @@ class TypeTargets(BaseModel):
     ] = Field(description="Layer types to target, e.g. `[nn.Linear, transformers.Conv1D]`.")
 
 
+class NoTargets(BaseModel):
+    """No module at all: the adapter adapts only the parameters it names (PEFT's
+    ``target_modules=[]`` with ``target_parameters``)."""
+
+    model_config = closed()
+    kind: Literal["none"] = Field(
+        description="Select no module; the adapter needs `target_parameters` then."
+    )
+
+
 Targets = Annotated[
-    NameTargets | RegexTargets | AllLinearTargets | TypeTargets, Field(discriminator="kind")
+    NameTargets | RegexTargets | AllLinearTargets | TypeTargets | NoTargets,
+    Field(discriminator="kind"),
 ]
 Exclusions = Annotated[NameTargets | RegexTargets, Field(discriminator="kind")]
 
@@ -197,6 +210,24 @@ class LayerSelection(BaseModel):
 
 
 Dropout = Annotated[float, Field(ge=0, lt=1, strict=True, allow_inf_nan=False)]
+
+
+def unique_indices(values: tuple[int, ...]) -> tuple[int, ...]:
+    """``values`` when no index repeats (a token row trained twice has no defined value)."""
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"token index {v} is listed twice")
+        seen.add(v)
+    return values
+
+
+# Token ids whose embedding rows train (trainable tokens; LoRA's trainable_token_indices)
+TokenIndices = Annotated[
+    tuple[Annotated[StrictInt, Field(ge=0)], ...],
+    Field(min_length=1, json_schema_extra={"uniqueItems": True}),
+    AfterValidator(unique_indices),
+]
 ModuleNames = Annotated[
     tuple[ModuleName, ...],
     Field(json_schema_extra={"uniqueItems": True}),
@@ -209,8 +240,15 @@ def check_selection(
     exclude: Exclusions | None,
     layers: LayerSelection | None,
     modules_to_save: tuple[str, ...],
+    *,
+    parameters: bool = False,
 ) -> None:
-    """The cross-field rules of target selection every method shares (raises FieldError)."""
+    """The cross-field rules of target selection every method shares (raises FieldError);
+    ``parameters``: the adapter also targets parameters (LoRA's ``target_parameters``)."""
+    if isinstance(targets, NoTargets) and not parameters:
+        raise FieldError(
+            ("targets", "kind"), "targets kind 'none' selects nothing: it needs target_parameters"
+        )
     if layers is not None and isinstance(targets, RegexTargets):
         raise FieldError(
             ("layers",),

@@ -39,6 +39,7 @@ from adaptc.spec.fields import (
     FieldError,
     LayerSelection,
     NameTargets,
+    NoTargets,
     RegexTargets,
     TypeTargets,
     closed,
@@ -57,6 +58,7 @@ __all__ = [
     "LayerSelection",
     "LoraAdapter",
     "NameTargets",
+    "NoTargets",
     "RegexTargets",
     "Spec",
     "TypeTargets",
@@ -84,6 +86,10 @@ else:
         Discriminator(_method_of),
     ]
     LoraAdapter = method_specs()[0].model  # the default method's (for `adaptc.spec` users)
+
+
+def _ranges(ranges: Any) -> str:
+    return "none" if ranges is None else str([list(pair) for pair in ranges])
 
 
 def _version_is_int(value: Any) -> Any:
@@ -151,6 +157,21 @@ class Spec(BaseModel):
             if name in RESERVED_ADAPTER_NAMES:
                 raise FieldError(
                     ("adapters", name), f"adapter name {name!r} is reserved", at_key=True
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _one_layer_stack(self) -> Spec:
+        """The adapters of a model share its layers: they replicate them all alike."""
+        names = list(self.adapters)
+        ranges = [getattr(a, "layer_replication", None) for a in self.adapters.values()]
+        for name, mine in zip(names[1:], ranges[1:], strict=True):
+            if mine != ranges[0]:
+                raise FieldError(
+                    ("adapters", name, "layer_replication"),
+                    f"layer_replication must be the same in every adapter ({names[0]!r} has "
+                    f"{_ranges(ranges[0])}, {name!r} {_ranges(mine)}): they share the model's "
+                    "layers",
                 )
         return self
 

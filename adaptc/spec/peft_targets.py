@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from adaptc.spec.fields import AllLinearTargets, NameTargets, RegexTargets, TypeTargets
+from adaptc.spec.fields import (
+    AllLinearTargets,
+    NameTargets,
+    NoTargets,
+    RegexTargets,
+    TypeTargets,
+)
 
 __all__ = ["PEFT_KEYS", "SELECTION_KEYS", "selection_from_peft", "selection_to_peft"]
 
@@ -38,6 +44,8 @@ def selection_to_peft(adapter: Any, target_modules: list[str] | None) -> dict[st
         cfg["target_modules"] = sorted(target_modules)
     elif isinstance(a.targets, NameTargets):
         cfg["target_modules"] = sorted(a.targets.names)
+    elif isinstance(a.targets, NoTargets):
+        cfg["target_modules"] = []
     elif isinstance(a.targets, RegexTargets):
         cfg["target_modules"] = a.targets.pattern
     elif isinstance(a.targets, AllLinearTargets):
@@ -94,6 +102,8 @@ def _selector(value: Any, *, allow_all_linear: bool) -> Any:
         if allow_all_linear and value == "all-linear":
             return {"kind": "all-linear"}
         return {"kind": "regex", "pattern": value}
+    if isinstance(value, (list, tuple, set, frozenset)) and not value:
+        return {"kind": "none"}  # PEFT's "no module" (with target_parameters)
     # PEFT keeps a list as a set (written in arbitrary order): sort for a stable spec
     return {"kind": "names", "names": _as_list(value)}
 

@@ -131,7 +131,7 @@ def test_unsupported_arguments_are_refused_by_name(field):
     [
         ({"r": 0}, "r: must be > 0"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
-        ({"init_lora_weights": "eva"}, "init_lora_weights='eva' is not supported by adaptc"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights='corda' is not supported by adaptc"),
         ({"layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
         ({"bias": "some"}, "bias"),
         ({"task_type": "CAUSAL"}, "task_type"),

@@ -71,6 +71,7 @@ def test_feature_examples_use_their_feature():
     pissa = adapter("pissa-init.yaml")
     assert (pissa.init, pissa.pissa_niter) == ("pissa", 4)
     assert load_spec(EXAMPLES / "merged-inference.json").merge
+    assert adapter("llama-layer-replication.yaml").layer_replication == ((0, 12), (4, 16))
 
 
 def test_yaml_merge_keys_share_settings_between_adapters():

@@ -198,16 +198,16 @@ def test_target_modules_override_for_resolved_selectors():
         ),
         ({"peft_type": "LORA", "use_qalora": True}, "use_qalora: 'use_qalora' is not supported"),
         (
-            {"peft_type": "LORA", "init_lora_weights": "eva"},
-            "init_lora_weights: init_lora_weights='eva' is not supported by adaptc",
+            {"peft_type": "LORA", "init_lora_weights": "corda"},
+            "init_lora_weights: init_lora_weights='corda' is not supported by adaptc",
         ),
         (
-            {"peft_type": "LORA", "layer_replication": [[0, 4]]},
-            "layer_replication: 'layer_replication' is not supported",
+            {"peft_type": "LORA", "layer_replication": [[4, 0]]},
+            "layer_replication: [4, 0) is empty: a range is [start, end) with start < end",
         ),
         (
-            {"peft_type": "LORA", "target_parameters": ["experts.weight"]},
-            "target_parameters: 'target_parameters' is not supported",
+            {"peft_type": "LORA", "target_parameters": ["experts.w"], "lora_dropout": 0.1},
+            "target_parameters: target_parameters cannot be combined with lora_dropout",
         ),
         ({"peft_type": "LORA", "r": 0}, "r: must be > 0, got 0"),
         (
@@ -216,7 +216,7 @@ def test_target_modules_override_for_resolved_selectors():
         ),
         (
             {"peft_type": "LORA", "target_modules": []},
-            "target_modules: must have at least 1 item",
+            "target_modules: targets kind 'none' selects nothing: it needs target_parameters",
         ),
         (
             {"peft_type": "LORA", "layers_pattern": "layers"},

@@ -23,6 +23,7 @@ BEYOND_SCHEMA_RULES = {
     "lora-bias-init",
     "mica-dora",
     "pissa-niter-init",
+    "init-settings",
     "layers-regex",
     "exclude-overlap",
     "save-overlap",
@@ -30,6 +31,10 @@ BEYOND_SCHEMA_RULES = {
     "regex-backtracking",
     "finite-numbers",
     "version-integer",
+    "replication-range",
+    "replication-init",
+    "replication-adapters",
+    "tokens-save-overlap",
 }
 
 
@@ -100,7 +105,7 @@ def _mutations(data: dict[str, Any]):
     yield "alpha-str", mutate(lambda d, a: a.update(lora_alpha="16"))
     yield "dropout-1", mutate(lambda d, a: a.update(lora_dropout=1))
     yield "bias-bad", mutate(lambda d, a: a.update(bias="some"))
-    yield "init-bad", mutate(lambda d, a: a.update(init="loftq"))
+    yield "init-bad", mutate(lambda d, a: a.update(init="corda"))
     yield "targets-list", mutate(lambda d, a: a.update(targets=["q"]))
     yield "targets-kind", mutate(lambda d, a: a.update(targets={"kind": "nope"}))
     yield "targets-empty", mutate(lambda d, a: a.update(targets={"kind": "names", "names": []}))

@@ -102,7 +102,7 @@ def _refuse(module: nn.Module, cfg: BranchConfig) -> None:
     """Raise ValueError for what PEFT refuses, or would compute inconsistently."""
     assert isinstance(module, nn.modules.conv._ConvNd)
     kind = type(module).__name__
-    if cfg.init in ("pissa", "olora", "orthogonal", "mica"):
+    if cfg.init in ("pissa", "olora", "orthogonal", "mica", "loftq", "eva"):
         raise ValueError(
             f"{cfg.target}: init {cfg.init!r} is not supported for {kind} (PEFT only has "
             "default, gaussian and random init for convolutions)"

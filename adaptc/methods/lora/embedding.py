@@ -204,7 +204,7 @@ class EmbeddingRule(LoraRule):
 
 
 # inits PEFT's embeddings do not have: they get the default one
-_DEFAULT_INITS = ("gaussian", "pissa", "olora", "orthogonal")
+_DEFAULT_INITS = ("gaussian", "pissa", "olora", "orthogonal", "eva")
 
 
 def _refuse(module: nn.Module, cfg: BranchConfig) -> None:
@@ -212,6 +212,11 @@ def _refuse(module: nn.Module, cfg: BranchConfig) -> None:
     if cfg.lora_bias:
         raise ValueError(
             f"{cfg.target}: lora_bias is not supported for nn.Embedding (PEFT refuses it too)"
+        )
+    if cfg.init == "loftq":
+        raise ValueError(
+            f"{cfg.target}: init 'loftq' is not available on nn.Embedding layers "
+            "(PEFT's LoftQ fails on them); linear layers only"
         )
     if cfg.init == "mica":
         dims = (module.num_embeddings, module.embedding_dim)

@@ -12,6 +12,11 @@ original weight is never written). The other inits leave the base weight as it i
 * ``mica`` (Minor Component Adaptation): ``B`` is the ``r`` left singular vectors of ``W``
   with the smallest singular values (rounded to ``W``'s dtype), ``A = 0``; ``B`` never
   trains (:func:`freezes_B`), only ``A`` learns.
+* ``loftq`` (:mod:`adaptc.methods.lora.loftq`): ``B·A`` factors ``W - Q`` for ``Q`` the
+  weight quantized by bitsandbytes and dequantized; ``Q`` is returned as the new base weight.
+* ``eva``: ``A`` keeps the layer's own draw and ``B = 0`` until ``adaptc.initialize_eva``
+  sets ``A`` (and the rank) from the data; without it, the branch is trained from there,
+  as PEFT's is.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["freezes_B", "init_factors", "init_problem"]
+from adaptc.methods.lora.loftq import backend_problem, loftq_init, scaling_warning
+
+__all__ = ["REWRITES_BASE", "freezes_B", "init_factors", "init_problem", "init_warning"]
 
 # inits that take r components of the base weight, so r ≤ min(fan_in, fan_out)
-_FROM_WEIGHT = ("pissa", "olora", "mica")
+_FROM_WEIGHT = ("pissa", "olora", "mica", "loftq")
+# inits that replace the base weight in the compiled model (PiSSA/OLoRA residuals, LoftQ's Q)
+REWRITES_BASE = ("pissa", "olora", "loftq")
 # base weight dtypes PEFT initialises MiCA from
 _MICA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,8 +48,10 @@ def init_factors(
     scaling: float,
     weight: torch.Tensor | None = None,
     pissa_niter: int | None = None,
+    loftq: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
-    """Fill ``A``/``B`` in place; return the residual base weight for PiSSA/OLoRA, else None."""
+    """Fill ``A``/``B`` in place; return the new base weight for PiSSA/OLoRA (the residual)
+    and LoftQ (the quantized weight, ``loftq`` = (bits, iterations)), else None."""
     r = A.shape[0]
     if init in ("default", "gaussian"):
         if init == "default":
@@ -50,6 +61,9 @@ def init_factors(
         nn.init.zeros_(B)
         if B_bias is not None:
             nn.init.zeros_(B_bias)
+        return None
+    if init == "eva":  # A as drawn (initialize_eva replaces it), B = 0: PEFT's
+        nn.init.zeros_(B)
         return None
     if init == "random":  # PEFT's init_lora_weights=False: nn.Linear's own initialisation
         _linear_default(A, None)
@@ -65,6 +79,12 @@ def init_factors(
         A.copy_(a.to(weight.dtype))
         B.copy_(b.to(weight.dtype))
         return None
+    if init == "loftq":
+        bits, iterations = loftq or (4, 1)
+        q, a, b = loftq_init(weight, bits=bits, r=r, iterations=iterations)
+        A.copy_(a)
+        B.copy_(b)
+        return q
     w = weight.detach().to(torch.float32)  # (fan_out, fan_in)
     if init == "mica":
         U = torch.linalg.svd(w, full_matrices=False)[0]  # (fan_out, k), by descending S
@@ -104,7 +124,14 @@ def init_problem(init: str, r: int, fan_in: int, fan_out: int, dtype: torch.dtyp
         )
     if init == "mica" and dtype not in _MICA_DTYPES:
         return f"init 'mica' needs a float32, float16 or bfloat16 base weight, not {dtype}"
+    if init == "loftq":
+        return backend_problem()
     return None
+
+
+def init_warning(init: str, scaling: float) -> str | None:
+    """A warning about how ``init`` works with the branch's ``scaling``, or None."""
+    return scaling_warning(scaling) if init == "loftq" else None
 
 
 def freezes_B(init: str) -> bool:

@@ -7,6 +7,7 @@ from torch import nn
 
 from adaptc.methods.lora.branch import FrozenFactor, LoraBranch
 from adaptc.methods.lora.init import freezes_B, init_factors
+from adaptc.methods.lora.loftq import loftq_error, log_error
 from adaptc.methods.lora.rule import (
     BranchConfig,
     LoraRule,
@@ -29,6 +30,22 @@ class LinearRule(LoraRule):
     kind forces ``fan_in_fan_out``)."""
 
     batch_form = "linear"  # its mixed-batch kernel (adaptc.adapters.mixed)
+
+    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
+        super().refuse(module, cfg)
+        self.refuse_loftq(module, cfg)
+
+    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
+        self.refuse_loftq(module, cfg)
+        return super().check(module, cfg)
+
+    def refuse_loftq(self, module: nn.Module, cfg: BranchConfig) -> None:
+        if cfg.init == "loftq" and self.fan_in_fan_out(module, cfg.fan_in_fan_out):
+            raise ValueError(
+                f"{cfg.target}: init 'loftq' is not available on {self.kind.name} layers: their "
+                "weight is stored (in, out), and PEFT's LoftQ factors it as stored, giving "
+                "factors of the wrong shapes"
+            )
 
     def make_plain_branch(
         self, module: nn.Module, cfg: BranchConfig
@@ -74,9 +91,13 @@ def make_linear_branch(
             scaling=cfg.scaling,
             weight=transpose(weight, transposed),
             pissa_niter=cfg.pissa_niter,
+            loftq=cfg.loftq,
         )
         if residual is not None:
             replaced["weight"] = transpose(residual, transposed).contiguous()
+        if cfg.init == "loftq" and residual is not None:
+            error = loftq_error(weight, residual, lora_A.weight, lora_B.weight, cfg.scaling)
+            log_error(cfg.target, error)
     round_as_peft(weight.dtype, lora_A.weight, lora_B.weight, lora_B.bias)
     if freezes_B(cfg.init):  # MiCA: only A trains
         lora_B.weight = FrozenFactor(lora_B.weight.detach())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from adaptc.layers import LayerKind, find_kind, kinds
-from adaptc.methods.base import Branch, Method, Settings
+from adaptc.methods.base import Branch, Companions, Method, Settings
 from adaptc.methods.lora import alora, dora  # their variants register on import
 from adaptc.methods.lora.bnb import BnbRule
 from adaptc.methods.lora.branch import LoraBranch
@@ -18,10 +19,12 @@ from adaptc.methods.lora.conv import ConvRule
 from adaptc.methods.lora.embedding import EmbeddingRule
 from adaptc.methods.lora.linear import LinearRule
 from adaptc.methods.lora.mha import MultiheadAttentionRule
+from adaptc.methods.lora.parameter import ParameterRule
 from adaptc.methods.lora.quantized import HqqRule, QuantizedRule, TorchaoRule
 from adaptc.methods.lora.rule import BranchConfig, LoraRule
-from adaptc.methods.lora.spec import LoraAdapter
+from adaptc.methods.lora.spec import LoftqSettings, LoraAdapter
 from adaptc.methods.lora.targets import LORA_TARGET_MODULES
+from adaptc.methods.lora.tying import lora_companions, tie_lora, with_tied_targets
 
 __all__ = ["METHOD", "LoraMethod", "pattern_value", "rule_for"]
 
@@ -39,6 +42,7 @@ _RULE_TYPES: dict[str, type[LoraRule]] = {
     "nn.Conv2d": ConvRule,
     "nn.Conv3d": ConvRule,
     "nn.MultiheadAttention": MultiheadAttentionRule,
+    "nn.Parameter": ParameterRule,  # target_parameters (a mixture of experts' stacks)
 }
 
 
@@ -65,10 +69,26 @@ class LoraMethod(Method):
             rule_type = _RULE_TYPES.get(kind.name)
             if rule_type is not None:
                 self.rules[kind.name] = rule_type(kind)
-        self.kinds = tuple(self.rules)  # type: ignore[misc]
+        # the module kinds it supports (a targeted parameter is not selected by targets)
+        module_kinds = [k for k in self.rules if self.rules[k].kind.module]
+        self.kinds = tuple(module_kinds)  # type: ignore[misc]
 
     def rule(self, kind: LayerKind) -> LoraRule:
         return self.rules[kind.name]
+
+    # ensure_weight_tying and trainable_token_indices (adaptc.methods.lora.tying)
+    def with_model(self, spec: Any, model: nn.Module) -> Any:
+        assert isinstance(spec, LoraAdapter)
+        return with_tied_targets(spec, model)
+
+    def companions(
+        self, model: nn.Module, spec: Any, adapter: str, targets: tuple[str, ...]
+    ) -> Companions:
+        assert isinstance(spec, LoraAdapter)
+        return lora_companions(self, model, spec, adapter, targets)
+
+    def tie(self, branch: Branch, source: Branch, settings: Settings) -> None:
+        tie_lora(branch, source, settings)
 
     def settings(
         self, kind: LayerKind, module: nn.Module, path: str, adapter: str, spec: Any
@@ -86,6 +106,7 @@ class LoraMethod(Method):
             variant=_variant(spec),
             init=spec.init,
             pissa_niter=spec.pissa_niter,
+            loftq=_loftq(spec),
             lora_bias=spec.lora_bias,
             fan_in_fan_out=kind.transposed(module, spec.fan_in_fan_out),
             bias=spec.bias,
@@ -116,6 +137,8 @@ class LoraMethod(Method):
         self, kind: LayerKind, module: nn.Module, settings: Settings
     ) -> tuple[Branch, dict[str, torch.Tensor]]:
         assert isinstance(settings, BranchConfig)
+        if settings.tied_to is not None:  # PEFT initialises a tied head once tied (tie)
+            settings = replace(settings, init="random")
         return self.rule(kind).make_branch(module, settings)
 
     def emit(
@@ -160,6 +183,14 @@ def rule_for(module: nn.Module) -> LoraRule | None:
     """LoRA's rule for ``module``'s layer kind, or None."""
     kind = find_kind(module)
     return None if kind is None else METHOD.rules.get(kind.name)
+
+
+def _loftq(spec: LoraAdapter) -> tuple[int, int] | None:
+    """``(bits, iterations)`` for ``init: loftq`` (PEFT's ``LoftQConfig`` defaults when omitted)."""
+    if spec.init != "loftq":
+        return None
+    settings = spec.loftq or LoftqSettings()
+    return settings.bits, settings.iterations
 
 
 def _variant(spec: LoraAdapter) -> str | None:

@@ -42,6 +42,13 @@ class QuantizedRule(LinearRule):
 
     def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
         super().refuse(module, cfg)
+        if cfg.init == "loftq":
+            raise ValueError(
+                f"{cfg.target}: init 'loftq' quantizes a float base weight itself: compile "
+                f"onto the float model, or initialise the LoRA of a quantized base "
+                "(bitsandbytes 4-bit) from the float weights with adaptc.initialize_loftq "
+                "(PEFT's replace_lora_weights_loftq)"
+            )
         if cfg.init in _BASE_INITS:
             raise ValueError(
                 f"{cfg.target}: init {cfg.init!r} is not available on {self.kind.name} "

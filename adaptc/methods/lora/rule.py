@@ -21,7 +21,7 @@ from adaptc.layers import LayerKind
 from adaptc.methods.base import Settings
 from adaptc.methods.lora.branch import LoraBranch
 from adaptc.methods.lora.emit import emit_linear_branch
-from adaptc.methods.lora.init import init_problem
+from adaptc.methods.lora.init import init_problem, init_warning
 from adaptc.methods.lora.variants import variant_for, variant_of
 
 __all__ = ["BranchConfig", "LoraRule", "Merged", "adapter_dtype", "round_as_peft"]
@@ -41,9 +41,11 @@ class BranchConfig(Settings):
     variant: str | None = None  # a registered variant's name, e.g. "dora"
     init: str = "default"
     pissa_niter: int | None = None
+    loftq: tuple[int, int] | None = None  # with init "loftq": (bits, iterations)
     lora_bias: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"  # the adapter's bias mode: none, all, lora_only
+    tied_to: str | None = None  # ensure_weight_tying: the input embedding it shares factors with
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class LoraRule(ABC):
             warnings.append(
                 f"{cfg.target}: lora_bias on a layer that has no bias: merging will not be possible"
             )
+        about_init = init_warning(cfg.init, cfg.scaling)
+        if about_init is not None:
+            warnings.append(f"{cfg.target}: {about_init}")
         return warnings
 
     @abstractmethod
