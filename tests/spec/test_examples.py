@@ -72,6 +72,8 @@ def test_feature_examples_use_their_feature():
     assert (pissa.init, pissa.pissa_niter) == ("pissa", 4)
     assert load_spec(EXAMPLES / "merged-inference.json").merge
     assert adapter("llama-layer-replication.yaml").layer_replication == ((0, 12), (4, 16))
+    experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    assert adapter("qwen3-moe-experts.yaml").target_parameters == experts
 
 
 def test_yaml_merge_keys_share_settings_between_adapters():
