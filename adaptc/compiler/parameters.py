@@ -11,11 +11,13 @@ reaches the module exactly where it reads the parameter, as PEFT's parametrizati
 
     def forward(self, *args, **kwargs):
         base_layer_gate_up_proj = self.base_layer.gate_up_proj
-        gate_up_proj = self.gate_up_proj(base_layer_gate_up_proj)
-        add_update = adaptc_methods_lora_parameter_add_update(gate_up_proj, …)
+        adapted_parameters_gate_up_proj = self.adapted_parameters.gate_up_proj(
+            base_layer_gate_up_proj)
+        add_update = adaptc_methods_lora_parameter_add_update(
+            adapted_parameters_gate_up_proj, …)
         base_layer = self.base_layer
-        return adaptc_compiler_parameters_call_with(base_layer, {'gate_up_proj': add_update},
-                                                    args, kwargs)
+        return adaptc_compiler_parameters_call_with(
+            base_layer, {'gate_up_proj': add_update}, args, kwargs)
 
 A host is a leaf in its parent's graph. Merging gives back the module itself, with new
 parameters ``W + s·ΔW`` (the unmerged model and the user's keep theirs).

@@ -106,22 +106,18 @@ class ParameterRule(LoraRule):
         """``W + s·ΔW`` after the slot's call on ``W``.
 
         Before (the graph of a mixture-of-experts module whose ``gate_up_proj`` is
-        targeted)::
+        targeted; :mod:`adaptc.compiler.parameters`)::
 
-            def forward(self, *args, **kwargs):
-                base_layer_gate_up_proj = self.base_layer.gate_up_proj
-                gate_up_proj = self.gate_up_proj(base_layer_gate_up_proj)
-                ...
+            base_layer_gate_up_proj = self.base_layer.gate_up_proj
+            slot = self.adapted_parameters.gate_up_proj(base_layer_gate_up_proj)
 
         After (r 8, lora_alpha 16, 4 experts, stored (experts, out, in))::
 
-                gate_up_proj = self.gate_up_proj(base_layer_gate_up_proj)
-                gate_up_proj_lora_default_lora_a_weight = self.gate_up_proj.lora_default.lora_A.weight
-                gate_up_proj_lora_default_lora_b_weight = self.gate_up_proj.lora_default.lora_B.weight
-                add_update = adaptc_methods_lora_parameter_add_update(gate_up_proj,
-                    gate_up_proj_lora_default_lora_a_weight, gate_up_proj_lora_default_lora_b_weight,
-                    2.0, 4, False)
-        """  # noqa: E501
+            slot = self.adapted_parameters.gate_up_proj(base_layer_gate_up_proj)
+            a = self.adapted_parameters.gate_up_proj.lora_default.lora_A.weight
+            b = self.adapted_parameters.gate_up_proj.lora_default.lora_B.weight
+            add_update = adaptc_methods_lora_parameter_add_update(slot, a, b, 2.0, 4, False)
+        """
         assert isinstance(base, ParameterSlot)
         with graph.inserting_before(base_out.next):
             A = graph.get_attr(f"{branch_path}.lora_A.weight")
