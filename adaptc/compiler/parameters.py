@@ -35,7 +35,9 @@ from torch import fx, nn
 from adaptc.compiler.passes import MergeError
 from adaptc.compiler.trace import AdaptedLayer, _graph_module
 from adaptc.layers import ParameterSlot, kind_of
+from adaptc.methods.lora.parameter import ParameterLoraBranch
 from adaptc.methods.registry import branches_of, method_of
+from adaptc.plan.parameters import is_transposed
 from adaptc.plan.plan import PlannedTarget
 
 __all__ = [
@@ -91,7 +93,7 @@ def parameter_slots(
             holder.train(owner.training)
         param = owner._parameters[name]
         assert param is not None
-        slot = ParameterSlot(owner_path, name, param, _transposed(owner))
+        slot = ParameterSlot(owner_path, name, param, is_transposed(owner))
         holder.get_submodule(SLOTS).add_module(name, slot)
         slots[target.path] = slot
     return slots, list(holders.values())
@@ -135,12 +137,9 @@ def _nest_file_paths(slots: list[ParameterSlot]) -> None:
     module's path with one ``.base_layer`` per later parameter its adapter targets."""
     for i, slot in enumerate(slots):
         for branch in branches_of(slot):
+            assert isinstance(branch, ParameterLoraBranch)
             later = [s for s in slots[i + 1 :] if branches_of(s, [branch.adapter])]
-            branch.__dict__["nested_path"] = slot.owner + ".base_layer" * len(later)
-
-
-def _transposed(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_transposed", False))
+            branch.nested_path = slot.owner + ".base_layer" * len(later)
 
 
 def _host(holder: nn.Module, names: list[str], active: Sequence[str]) -> ParameterHost:

@@ -18,6 +18,7 @@ Shapes, as PEFT reads them: 3-D ``(experts, out, in)`` (``F.linear`` per expert)
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,15 @@ class ParameterSlot(nn.Module):
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> ParameterSlot:
+        """Follow the model's ``.to()``/``.half()``: the parameter moved with its module,
+        so the dtype and device a new branch is built in (``add_adapter``) move too."""
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        self.dtype, self.device = probe.dtype, probe.device
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call,no-any-return]
 
     def extra_repr(self) -> str:
         return f"parameter={self.name!r}, shape={self.shape}, is_transposed={self.is_transposed}"

@@ -388,3 +388,12 @@ def test_plan_of_a_30b_a3b_moe_on_meta_equals_peft_count() -> None:
     assert (plan.trainable_params, plan.total_params) == theirs.get_nb_trainable_parameters()
     gate_up = next(t for t in plan.targets if t.path.endswith("0.mlp.experts.gate_up_proj"))
     assert gate_up.params == 16 * 128 * (2048 + 1536)
+
+
+def test_an_adapter_added_after_moving_the_model_follows_its_dtype() -> None:
+    model = adaptc.compile(tiny_moe("qwen3_moe"), spec("qwen3_moe")).to(torch.float64)
+    adaptc.add_adapter(
+        model, {"version": 1, "adapters": {"x": spec("qwen3_moe")["adapters"]["default"]}}
+    )
+    added = lora_tensors(model, "x")
+    assert {t.dtype for t in added.values()} == {torch.float64}  # built as the moved base

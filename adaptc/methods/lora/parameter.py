@@ -9,7 +9,8 @@ the size of ``W`` is kept beyond what the module's forward needs. A 2-D paramete
 ``(out, in)`` is a one-expert case: ``W + s·B·A``.
 
 As in PEFT the branch has no dropout (the input cannot be factored out of
-``B·A·dropout(x)``), no ``lora_bias``, no variant and no ``fan_in_fan_out``.
+``B·A·dropout(x)``), no ``lora_bias``, no variant, no ``fan_in_fan_out`` and no init that
+reads the base weight: the spec refuses them (``target_parameters``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from adaptc.methods.lora.init import init_factors
 from adaptc.methods.lora.rule import BranchConfig, LoraRule, Merged, adapter_dtype, round_as_peft
 
 __all__ = ["ParameterLoraBranch", "ParameterRule", "add_update", "delta"]
-
-INITS = ("default", "gaussian", "random")  # PEFT's ParamWrapper reads no base weight
 
 
 class ParameterLoraBranch(LoraBranch):
@@ -49,18 +48,6 @@ class ParameterRule(LoraRule):
     """``W ↦ W + s·ΔW`` on a :class:`~adaptc.layers.ParameterSlot`."""
 
     batch_form = "parameter"  # no mixed-batch kernel: refused by adaptc.adapters.mixed
-
-    def refuse(self, module: nn.Module, cfg: BranchConfig) -> None:
-        problem = refusal(cfg)
-        if problem is not None:
-            raise ValueError(f"{cfg.target}: {problem}")
-
-    def refuse_init(self, module: nn.Module, cfg: BranchConfig) -> None:
-        self.refuse(module, cfg)
-
-    def check(self, module: nn.Module, cfg: BranchConfig) -> list[str]:
-        self.refuse(module, cfg)
-        return []
 
     def make_plain_branch(
         self, module: nn.Module, cfg: BranchConfig
@@ -135,20 +122,6 @@ class ParameterRule(LoraRule):
         A, B = branch.factors()
         args = (branch.scaling, module.num_experts, module.is_transposed)
         return Merged(add_update(weight, A, B, *args))
-
-
-def refusal(cfg: BranchConfig) -> str | None:
-    """Why LoRA cannot go on a parameter with ``cfg`` (PEFT's ParamWrapper refusals)."""
-    if cfg.lora_dropout:
-        return "lora_dropout must be 0 on a targeted parameter (the update is added to the weight)"
-    if cfg.lora_bias:
-        return "lora_bias is not available on a targeted parameter"
-    if cfg.variant is not None:
-        return f"{cfg.variant} is not available on a targeted parameter"
-    if cfg.init not in INITS:
-        options = ", ".join(INITS)
-        return f"init {cfg.init!r} is not available on a targeted parameter (use {options})"
-    return None
 
 
 def _factors(
