@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from adaptc.adapters.eva import eva_state_dict, initialize_eva
     from adaptc.adapters.loftq import loftq_errors
+    from adaptc.adapters.to_lora import to_lora
     from adaptc.api import compile, initialize_loftq, load_adapter, merge
     from adaptc.compiler import (
         AdaptcWarning,
@@ -75,6 +76,7 @@ _LAZY = {
     "add_adapter": "adaptc.adapters",
     "delete_adapter": "adaptc.adapters",
     "combine_adapters": "adaptc.adapters",
+    "to_lora": "adaptc.adapters.to_lora",
     "disabled": "adaptc.adapters",
     "set_active": "adaptc.adapters",
     "set_enabled": "adaptc.adapters",
@@ -146,6 +148,7 @@ __all__ = [
     "save_adapter",
     "set_active",
     "set_enabled",
+    "to_lora",
     "trainable_parameters",
     "unmerge_in_place",
 ]

@@ -379,6 +379,7 @@ Case = Callable[[], "dict[str, Any] | list[dict[str, Any]]"]
 def all_cases(s: Settings) -> list[tuple[str, Case]]:
     """(name, case) pairs, so a caller can choose cases without running the others; a case
     gives one row, or several (the mixed-batch cases give two)."""
+    import methods  # one row pair per method beyond LoRA (benchmarks/methods.py)
     import qlora  # the QLoRA rows (benchmarks/qlora.py; it imports this module)
 
     cases: list[tuple[str, Case]] = [
@@ -399,6 +400,7 @@ def all_cases(s: Settings) -> list[tuple[str, Case]]:
         ("qlora-train-step-peak-memory", lambda: qlora.train_memory(s)),
         ("qlora-weights-vs-lora", lambda: qlora.weights_vs_lora(s)),
     ]
+    cases += methods.cases(s)
     if s.device != "cpu":  # torch.compile's cold start is the slowest row there: run it last
         cases.sort(key=lambda c: c[0].startswith("torch-compile"))
     return cases

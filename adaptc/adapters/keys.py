@@ -52,10 +52,14 @@ def adapter_tensors(model: nn.Module, adapter: str) -> Iterator[tuple[str, torch
     """``(PEFT key, tensor of the compiled model)`` for every tensor the adapter file holds."""
     info = compiled(model, "saving an adapter")
     targets = {t.path for t in info.plan.targets if t.adapter == adapter}
+    shared: dict[str, torch.Tensor] = {}  # model-level tensors the branches share, once each
     for branch in adapter_branches(model, adapter):
         where = branch.file_path  # the target's path (a parameter's: its module's, nested)
         for name, param in branch.file_tensors():  # cut to the true rank when padded
             yield f"{PREFIX}{where}.{name}", param
+        for key, tensor in branch.model_file_tensors():
+            shared.setdefault(key, tensor)
+    yield from shared.items()
     settings = info.spec.adapters[adapter]
     if getattr(settings, "bias", "none") != "none":
         params = _params_by_original_name(model)

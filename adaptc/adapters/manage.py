@@ -85,6 +85,8 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     info.spec = info.spec.with_adapters({**info.spec.adapters, **new_spec.adapters})
     info.plan = info.plan.with_adapters(plan)
     rebuild(model, info.active)
+    for name in names:  # model-level behaviour of each new adapter's method
+        method(new_spec.adapters[name].method).finish(model, name, new_spec.adapters[name])
     return names
 
 

@@ -8,13 +8,22 @@ import sys
 from collections.abc import Sequence
 
 from adaptc import __version__
-from adaptc.cli import compile, convert, inspect, merge, plan, schema, validate
+from adaptc.cli import (
+    compile,
+    convert,
+    convert_adapter,
+    inspect,
+    merge,
+    plan,
+    schema,
+    validate,
+)
 from adaptc.logs import quiet_import_time_loggers
 
 __all__ = ["main"]
 
 # the order of `adaptc --help`
-_COMMANDS = (validate, schema, convert, inspect, plan, compile, merge)
+_COMMANDS = (validate, schema, convert, inspect, plan, compile, merge, convert_adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:

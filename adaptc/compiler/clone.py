@@ -14,7 +14,7 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
 from adaptc.layers import find_kind, share_parameter
@@ -44,7 +44,13 @@ class _Cloner:
     def clone(self, module: nn.Module) -> nn.Module:
         if id(module) in self.modules:
             return self.modules[id(module)]
-        new = module.__class__.__new__(module.__class__)
+        new: nn.Module
+        if isinstance(module, fx.GraphModule):
+            # its class carries the generated forward; GraphModule.__new__ would make a
+            # fresh subclass without it (a merged model's graphs, compiled again)
+            new = object.__new__(module.__class__)
+        else:
+            new = module.__class__.__new__(module.__class__)
         self.modules[id(module)] = new
         state = module.__dict__.copy()
         for key, value in state.items():

@@ -108,6 +108,8 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     holders = _holders(new, targets)
     root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active)
     root.__dict__[STATE] = Compiled(spec, plan, active)
+    for name, settings in spec.adapters.items():  # model-level behaviour of each method
+        method(settings.method).finish(root, name, settings)
     return merge(root) if spec.merge else root
 
 

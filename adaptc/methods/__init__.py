@@ -12,4 +12,15 @@ Adding a method is a new package and one entry in :data:`NAMES` (docs/developmen
 """
 
 # the registration: package names, in schema order
-NAMES: tuple[str, ...] = ("lora", "ia3", "trainable_tokens")
+NAMES: tuple[str, ...] = (
+    "lora",
+    "ia3",
+    "trainable_tokens",
+    "loha",
+    "lokr",
+    "vera",
+    "oft",
+    "boft",
+    "adalora",
+    "prompt_tuning",
+)

@@ -58,6 +58,11 @@ class Branch(nn.Module):
         """``(name, tensor)`` for what an adapter file holds, relative to :attr:`file_path`."""
         yield from self.named_parameters()
 
+    def model_file_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(full key, tensor)`` for what an adapter file holds at the model level, shared by
+        the adapter's branches (VeRA's ``base_model.vera_A``); one tensor per key."""
+        return iter(())
+
 
 @dataclass(frozen=True)
 class Companions:
@@ -171,6 +176,14 @@ class Method(ABC):
         """Make ``branch`` (of a target whose ``settings`` name ``tied_to``) follow
         ``source``, the branch on that path: share or view its tensors. Default: refused."""
         raise ValueError(f"{branch.target}: {self.title} branches cannot be tied")
+
+    def finish(self, model: nn.Module, adapter: str, spec: Any) -> None:
+        """Called once per adapter of this method on the new compiled ``model`` (its root),
+        after every branch is built and before the model is returned: model-level behaviour
+        beyond the branches (a loss term or an input rewrite through a forward hook on the
+        new root, prompt embeddings). ``spec`` is the adapter's spec model. It never touches
+        the user's model. Default: nothing."""
+        return None
 
     # --- merge --------------------------------------------------------------------------
     @abstractmethod

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 
 from adaptc.methods import NAMES
+from adaptc.methods.prompt_tuning.facade import PromptTuningInit
 from adaptc.peft.config import (
     CONFIG_CLASSES,
     LoraConfig,
@@ -105,6 +106,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "PeftWarning",
+    "PromptTuningInit",
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",

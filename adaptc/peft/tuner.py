@@ -38,6 +38,7 @@ from adaptc.api import compile, merge
 from adaptc.compiler import NoTargetsError, compiled_info, merge_in_place, unmerge_in_place
 from adaptc.compiler import merged_adapters as merged_names
 from adaptc.compiler.saved import ModulesToSave
+from adaptc.integrations.adalora import update_and_allocate as _update_and_allocate
 from adaptc.layers import PARAMETER_KIND, kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.lora.branch import LoraBranch
@@ -274,6 +275,11 @@ class LoraModel(nn.Module):
         """
         del progressbar
         return merge(self.model, adapters=adapter_names, safe=safe_merge)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's budget and masks for the step (``adaptc.integrations.update_and_allocate``;
+        after ``loss.backward()`` and ``optimizer.step()``, before ``zero_grad()``)."""
+        _update_and_allocate(self.model, global_step)
 
     def unload(self) -> nn.Module:
         """A new plain model without the adapters (``modules_to_save`` copies kept, as PEFT)."""

@@ -215,7 +215,8 @@ def build_plan(model: nn.Module, spec: Spec | Any, *, replicated: bool = False) 
             warnings.extend(entry.check(kind, module, settings))
             targets.append(plan_target(entry, kind, module, settings))
             if (
-                getattr(adapter, "bias", "none") == "lora_only"
+                getattr(adapter, "bias", "none")
+                in ("lora_only", "vera_only", "oft_only", "boft_only")
                 and getattr(module, "bias", None) is not None
             ):
                 bias_paths.add(f"{path}.bias")
