@@ -20,7 +20,7 @@ A LoRA branch on the same layer reads the unrotated input and adds its own chang
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,7 +31,12 @@ from torch import fx, nn
 from adaptc.layers import LayerKind
 from adaptc.methods.base import Branch, Method, Settings
 from adaptc.methods.boft.spec import BOFTAdapter, resolve_blocks
-from adaptc.methods.registry import method
+from adaptc.methods.common import (
+    LoraDefaultTargets,
+    adapter_dtype,
+    layer_input,
+    set_layer_input,
+)
 
 __all__ = ["METHOD", "BOFTBranch", "BOFTMethod", "BOFTSettings", "butterfly_perm"]
 
@@ -181,14 +186,6 @@ def rescale(
     return current + (out * (s.squeeze(-1) - 1)).to(current.dtype)
 
 
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float32 for a half-precision (or non-float) base, else the base weight's dtype."""
-    dtype = weight.dtype
-    if not dtype.is_floating_point or dtype.itemsize < 4:
-        return torch.float32
-    return dtype
-
-
 def _boft(settings: Settings) -> BOFTSettings:
     assert isinstance(settings, BOFTSettings), type(settings).__name__
     return settings
@@ -199,33 +196,6 @@ def _branch(branch: Branch) -> BOFTBranch:
     return branch
 
 
-def _layer_input(call: fx.Node) -> fx.Node:
-    inp = call.args[0] if call.args else next(iter(call.kwargs.values()))
-    assert isinstance(inp, fx.Node), f"{call.target}: the layer's input is not a node"
-    return inp
-
-
-def _set_layer_input(call: fx.Node, node: fx.Node) -> None:
-    if call.args:
-        call.args = (node, *call.args[1:])
-    else:
-        call.kwargs = {**call.kwargs, next(iter(call.kwargs)): node}
-
-
-class _DefaultTargets(Mapping[str, "tuple[str, ...] | str"]):
-    """PEFT's ``TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING``: LoRA's (read from the
-    registry: methods never import each other)."""
-
-    def __getitem__(self, key: str) -> tuple[str, ...] | str:
-        return method("lora").default_targets[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(method("lora").default_targets)
-
-    def __len__(self) -> int:
-        return len(method("lora").default_targets)
-
-
 class BOFTMethod(Method):
     """BOFT: the layer computes with ``diag(s)·W₀·Rᵀ``, ``R`` a butterfly orthogonal matrix."""
 
@@ -234,7 +204,7 @@ class BOFTMethod(Method):
     prefix = "boft_"
     branch_type = BOFTBranch
     kinds = ("nn.Linear", _CONV)
-    default_targets = _DefaultTargets()
+    default_targets = LoraDefaultTargets()
 
     # --- plan ---------------------------------------------------------------------------
     def settings(
@@ -356,8 +326,8 @@ class BOFTMethod(Method):
         b = _branch(branch)
         if not b.conv:
             with graph.inserting_before(call):
-                rotated = graph.call_module(branch_path, (_layer_input(call),))
-            _set_layer_input(call, rotated)
+                rotated = graph.call_module(branch_path, (layer_input(call),))
+            set_layer_input(call, rotated)
             with graph.inserting_before(current.next):
                 s = graph.get_attr(f"{branch_path}.boft_s")
                 bias = (

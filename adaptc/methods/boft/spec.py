@@ -29,7 +29,8 @@ from adaptc.spec.fields import (
     closed,
 )
 from adaptc.spec.method import PEFT_FORMAT_VERSION, Bad, MethodSpec
-from adaptc.spec.peft_targets import SELECTION_KEYS, selection_from_peft, selection_to_peft
+from adaptc.spec.peft_options import options_from_peft
+from adaptc.spec.peft_targets import selection_to_peft
 
 __all__ = ["SPEC", "BOFTAdapter", "resolve_blocks"]
 
@@ -167,8 +168,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "layers_to_transform": None,
     "layers_pattern": None,
 }
-_ENVELOPE = {"peft_type", "peft_version", "auto_mapping", "inference_mode", "task_type"}
-_ENVELOPE |= {"base_model_name_or_path", "revision"}
 _PLAIN: tuple[str, ...] = (
     "boft_block_size",
     "boft_block_num",
@@ -191,21 +190,14 @@ def to_peft(a: BOFTAdapter, target_modules: list[str] | None) -> dict[str, Any]:
 
 def from_peft(cfg: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
     """The adapter's spec fields from PEFT's ``BOFTConfig``; unsupported options are refused."""
-    adapter: dict[str, Any] = {"method": "boft"}
-    selection_from_peft(cfg, adapter)
-    for key, value in cfg.items():
-        if key in _ENVELOPE or key in SELECTION_KEYS:
-            continue
-        if key in _PLAIN:
-            adapter[key] = value
-        elif key == "init_weights":
-            if value is False:
-                adapter["init"] = "random"
-            elif value is not True:
-                bad(key, f"init_weights={value!r} is not supported by adaptc (true or false)")
-        elif value not in (None, False, {}, [], ""):
-            bad(key, f"{key!r} is not supported by adaptc for BOFT")
-    return adapter
+    return options_from_peft(
+        cfg,
+        bad,
+        method="boft",
+        title="BOFT",
+        plain=_PLAIN,
+        inits={"identity": True, "random": False},
+    )
 
 
 SPEC = MethodSpec(

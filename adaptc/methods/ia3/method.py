@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind
 from adaptc.methods.base import Branch, Method, Settings
+from adaptc.methods.common import adapter_dtype, layer_input, set_layer_input
 from adaptc.methods.ia3.defaults import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES
 from adaptc.methods.ia3.spec import IA3Adapter, NoModules, is_feedforward
 from adaptc.spec.fields import NameTargets
@@ -68,31 +69,6 @@ class IA3Branch(Branch):
     def extra_repr(self) -> str:
         where = "input" if self.feedforward else "output"
         return f"adapter={self.adapter!r}, scales={where}, shape={tuple(self.ia3_l.shape)}"
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The vector's dtype: the base weight's, float32 for a half-precision (or smaller, or
-    non-float) base, as PEFT's ``autocast_adapter_dtype``."""
-    dtype = weight.dtype
-    if not dtype.is_floating_point or dtype.itemsize < 4:
-        return torch.float32
-    return dtype
-
-
-def _layer_input(call: fx.Node) -> fx.Node:
-    """The input the layer ``call`` reads as it is now (its first argument, or its only
-    keyword argument; an earlier adapter may have replaced it already)."""
-    inp = call.args[0] if call.args else next(iter(call.kwargs.values()))
-    assert isinstance(inp, fx.Node), f"{call.target}: the layer's input is not a node"
-    return inp
-
-
-def _set_layer_input(call: fx.Node, node: fx.Node) -> None:
-    """Make the layer ``call`` read ``node`` instead of its input."""
-    if call.args:
-        call.args = (node, *call.args[1:])
-    else:
-        call.kwargs = {**call.kwargs, next(iter(call.kwargs)): node}
 
 
 def _ia3(settings: Settings) -> IA3Settings:
@@ -255,9 +231,9 @@ class IA3Method(Method):
         # the output back to the input's dtype (``type_as``; the same in float32)
         back: fx.Node | None = None  # a quantized layer's input, whose dtype comes back
         if kind.quantized:
-            back = _layer_input(call)
+            back = layer_input(call)
             with graph.inserting_before(call):
-                _set_layer_input(call, graph.call_method("to", (back, torch.float32)))
+                set_layer_input(call, graph.call_method("to", (back, torch.float32)))
             cast = False
 
         def vector() -> fx.Node:
@@ -266,10 +242,10 @@ class IA3Method(Method):
 
         if b.feedforward:
             with graph.inserting_before(call):
-                scaled = graph.call_function(operator.mul, (_layer_input(call), vector()))
+                scaled = graph.call_function(operator.mul, (layer_input(call), vector()))
                 if cast:
                     scaled = graph.call_method("to", (scaled, compute))
-            _set_layer_input(call, scaled)
+            set_layer_input(call, scaled)
             if back is None:
                 return current
             with graph.inserting_before(current.next):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,8 +26,8 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind
 from adaptc.methods.base import Branch, Method, Settings
+from adaptc.methods.common import LoraDefaultTargets
 from adaptc.methods.loha.spec import LoHaAdapter
-from adaptc.methods.registry import method
 
 __all__ = ["METHOD", "LoHaBranch", "LoHaMethod", "LoHaSettings"]
 
@@ -162,23 +162,6 @@ def _branch(branch: Branch) -> LoHaBranch:
     return branch
 
 
-class _DefaultTargets(Mapping[str, "tuple[str, ...] | str"]):
-    """PEFT's ``TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING``: a copy of LoRA's (read
-    from the registry: methods never import each other)."""
-
-    def _table(self) -> Mapping[str, tuple[str, ...] | str]:
-        return method("lora").default_targets
-
-    def __getitem__(self, key: str) -> tuple[str, ...] | str:
-        return self._table()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
 class LoHaMethod(Method):
     """LoHa: ``x ↦ W₀x + reshape((alpha/r)·(w1_a @ w1_b) ⊙ (w2_a @ w2_b)) x``."""
 
@@ -187,7 +170,7 @@ class LoHaMethod(Method):
     prefix = "hada_"
     branch_type = LoHaBranch
     kinds = ("nn.Linear", "nn.Conv1d", "nn.Conv2d")  # PEFT's LoHaModel layers_mapping
-    default_targets = _DefaultTargets()
+    default_targets = LoraDefaultTargets()
 
     # --- plan ---------------------------------------------------------------------------
     def settings(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,8 +27,8 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind
 from adaptc.methods.base import Branch, Method, Settings
+from adaptc.methods.common import LoraDefaultTargets
 from adaptc.methods.lokr.spec import LoKrAdapter
-from adaptc.methods.registry import method
 
 __all__ = ["METHOD", "LoKrBranch", "LoKrMethod", "LoKrSettings", "factorization"]
 
@@ -202,23 +202,6 @@ def _branch(branch: Branch) -> LoKrBranch:
     return branch
 
 
-class _DefaultTargets(Mapping[str, "tuple[str, ...] | str"]):
-    """PEFT's ``TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING``: a copy of LoRA's (read
-    from the registry: methods never import each other)."""
-
-    def _table(self) -> Mapping[str, tuple[str, ...] | str]:
-        return method("lora").default_targets
-
-    def __getitem__(self, key: str) -> tuple[str, ...] | str:
-        return self._table()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
 def _kaiming(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
@@ -231,7 +214,7 @@ class LoKrMethod(Method):
     prefix = "lokr_"
     branch_type = LoKrBranch
     kinds = ("nn.Linear", "nn.Conv1d", "nn.Conv2d")  # PEFT's LoKrModel layers_mapping
-    default_targets = _DefaultTargets()
+    default_targets = LoraDefaultTargets()
 
     # --- plan ---------------------------------------------------------------------------
     def settings(

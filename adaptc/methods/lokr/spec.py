@@ -28,7 +28,8 @@ from adaptc.spec.fields import (
     closed,
 )
 from adaptc.spec.method import PEFT_FORMAT_VERSION, Bad, MethodSpec
-from adaptc.spec.peft_targets import SELECTION_KEYS, selection_from_peft, selection_to_peft
+from adaptc.spec.peft_options import options_from_peft
+from adaptc.spec.peft_targets import selection_to_peft
 
 __all__ = ["SPEC", "LoKrAdapter"]
 
@@ -140,8 +141,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "layers_pattern": None,
     "modules_to_save": None,
 }
-_ENVELOPE = {"peft_type", "peft_version", "auto_mapping", "inference_mode", "task_type"}
-_ENVELOPE |= {"base_model_name_or_path", "revision"}
 _PLAIN: tuple[str, ...] = ("r", "alpha", "rank_dropout", "module_dropout")
 _PLAIN += ("use_effective_conv2d",)
 _PLAIN += ("decompose_both", "decompose_factor", "rank_dropout_scale")
@@ -163,28 +162,15 @@ def to_peft(a: LoKrAdapter, target_modules: list[str] | None) -> dict[str, Any]:
 
 def from_peft(cfg: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
     """The adapter's spec fields from PEFT's ``LoKrConfig``; unsupported options are refused."""
-    adapter: dict[str, Any] = {"method": "lokr"}
-    selection_from_peft(cfg, adapter)
-    for key, value in cfg.items():
-        if key in _ENVELOPE or key in SELECTION_KEYS:
-            continue
-        if key in _PLAIN:
-            adapter[key] = value
-        elif key in _PATTERNS:
-            if value:
-                adapter[key] = dict(value)
-        elif key == "init_weights":
-            if value is True:
-                continue
-            if value is False:
-                adapter["init"] = "random"
-            elif value == "lycoris":
-                adapter["init"] = "lycoris"
-            else:
-                bad(key, f"init_weights={value!r} is not supported (true, false or 'lycoris')")
-        elif value not in (None, False, {}, [], ""):
-            bad(key, f"{key!r} is not supported by adaptc for LoKr")
-    return adapter
+    return options_from_peft(
+        cfg,
+        bad,
+        method="lokr",
+        title="LoKr",
+        plain=_PLAIN,
+        inits={"default": True, "random": False, "lycoris": "lycoris"},
+        patterns=_PATTERNS,
+    )
 
 
 SPEC = MethodSpec(

@@ -18,7 +18,7 @@ layer computes with ``W₀·R_bdᵀ``, which is also the merged weight.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,8 +28,13 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind
 from adaptc.methods.base import Branch, Method, Settings
+from adaptc.methods.common import (
+    LoraDefaultTargets,
+    adapter_dtype,
+    layer_input,
+    set_layer_input,
+)
 from adaptc.methods.oft.spec import OFTAdapter, resolve_blocks
-from adaptc.methods.registry import method
 
 __all__ = ["METHOD", "OFTBranch", "OFTMethod", "OFTRotation", "OFTSettings"]
 
@@ -167,15 +172,6 @@ class OFTBranch(Branch):
         return f"adapter={self.adapter!r}, r={self.r}, block_size={self.block_size}{share}"
 
 
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The parameters' dtype: the base weight's, float32 for a half-precision (or non-float)
-    base, as PEFT's ``autocast_adapter_dtype``."""
-    dtype = weight.dtype
-    if not dtype.is_floating_point or dtype.itemsize < 4:
-        return torch.float32
-    return dtype
-
-
 def _oft(settings: Settings) -> OFTSettings:
     assert isinstance(settings, OFTSettings), type(settings).__name__
     return settings
@@ -186,33 +182,6 @@ def _branch(branch: Branch) -> OFTBranch:
     return branch
 
 
-def _layer_input(call: fx.Node) -> fx.Node:
-    inp = call.args[0] if call.args else next(iter(call.kwargs.values()))
-    assert isinstance(inp, fx.Node), f"{call.target}: the layer's input is not a node"
-    return inp
-
-
-def _set_layer_input(call: fx.Node, node: fx.Node) -> None:
-    if call.args:
-        call.args = (node, *call.args[1:])
-    else:
-        call.kwargs = {**call.kwargs, next(iter(call.kwargs)): node}
-
-
-class _DefaultTargets(Mapping[str, "tuple[str, ...] | str"]):
-    """PEFT's ``TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING``: a copy of LoRA's (read
-    from the registry: methods never import each other)."""
-
-    def __getitem__(self, key: str) -> tuple[str, ...] | str:
-        return method("lora").default_targets[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(method("lora").default_targets)
-
-    def __len__(self) -> int:
-        return len(method("lora").default_targets)
-
-
 class OFTMethod(Method):
     """OFT: ``x ↦ W₀(R x)`` with a block-diagonal orthogonal ``R``."""
 
@@ -221,7 +190,7 @@ class OFTMethod(Method):
     prefix = "oft_"
     branch_type = OFTBranch
     kinds = ("nn.Linear", _CONV)
-    default_targets = _DefaultTargets()
+    default_targets = LoraDefaultTargets()
 
     # --- plan ---------------------------------------------------------------------------
     def settings(
@@ -335,8 +304,8 @@ class OFTMethod(Method):
         b = _branch(branch)
         if not b.conv:
             with graph.inserting_before(call):
-                rotated = graph.call_module(branch_path, (_layer_input(call),))
-            _set_layer_input(call, rotated)
+                rotated = graph.call_module(branch_path, (layer_input(call),))
+            set_layer_input(call, rotated)
             return current
         with graph.inserting_before(current.next):
             weight = graph.get_attr(f"{call.target}.weight")

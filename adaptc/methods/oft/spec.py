@@ -29,7 +29,8 @@ from adaptc.spec.fields import (
     closed,
 )
 from adaptc.spec.method import PEFT_FORMAT_VERSION, Bad, MethodSpec
-from adaptc.spec.peft_targets import SELECTION_KEYS, selection_from_peft, selection_to_peft
+from adaptc.spec.peft_options import options_from_peft
+from adaptc.spec.peft_targets import selection_to_peft
 
 __all__ = ["SPEC", "OFTAdapter", "adjust", "resolve_blocks"]
 
@@ -184,8 +185,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "use_cayley_neumann": True,
     "num_cayley_neumann_terms": 5,
 }
-_ENVELOPE = {"peft_type", "peft_version", "auto_mapping", "inference_mode", "task_type"}
-_ENVELOPE |= {"base_model_name_or_path", "revision"}
 _PLAIN: tuple[str, ...] = (
     "r",
     "oft_block_size",
@@ -210,27 +209,15 @@ def to_peft(a: OFTAdapter, target_modules: list[str] | None) -> dict[str, Any]:
 
 def from_peft(cfg: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
     """The adapter's spec fields from PEFT's ``OFTConfig``; unsupported options are refused."""
-    adapter: dict[str, Any] = {"method": "oft"}
-    selection_from_peft(cfg, adapter)
     if "oft_block_size" not in cfg:
         bad(
             "oft_block_size",
             "an OFT adapter without oft_block_size was written by peft < 0.14, whose weights "
             "are incompatible (retrain it with a newer peft)",
         )
-    for key, value in cfg.items():
-        if key in _ENVELOPE or key in SELECTION_KEYS:
-            continue
-        if key in _PLAIN:
-            adapter[key] = value
-        elif key == "init_weights":
-            if value is False:
-                adapter["init"] = "random"
-            elif value is not True:
-                bad(key, f"init_weights={value!r} is not supported by adaptc (true or false)")
-        elif value not in (None, False, {}, [], ""):
-            bad(key, f"{key!r} is not supported by adaptc for OFT")
-    return adapter
+    return options_from_peft(
+        cfg, bad, method="oft", title="OFT", plain=_PLAIN, inits={"identity": True, "random": False}
+    )
 
 
 SPEC = MethodSpec(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from adaptc.layers import LayerKind, find_kind
 from adaptc.methods.base import Branch, Companions, Method, Settings
-from adaptc.methods.registry import method
+from adaptc.methods.common import LoraDefaultTargets, adapter_dtype
 from adaptc.methods.vera.spec import VeraAdapter
 
 __all__ = ["METHOD", "VeraBranch", "VeraMethod", "VeraSettings", "adapter_dtype", "projections"]
@@ -126,25 +126,6 @@ def projections(r: int, projection: tuple[int, int], key: int) -> tuple[torch.Te
     return vera_a, _kaiming((out_max, r), generator)
 
 
-class _DefaultTargets(Mapping[str, "tuple[str, ...] | str"]):
-    """PEFT's ``TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING``: LoRA's defaults (read
-    from the registry: methods never import each other), with ``phi``'s own."""
-
-    _OWN: ClassVar[dict[str, tuple[str, ...]]] = {"phi": ("q_proj", "v_proj")}
-
-    def _table(self) -> dict[str, tuple[str, ...] | str]:
-        return {**method("lora").default_targets, **self._OWN}
-
-    def __getitem__(self, key: str) -> tuple[str, ...] | str:
-        return self._table()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
 def _vera(settings: Settings) -> VeraSettings:
     assert isinstance(settings, VeraSettings), type(settings).__name__
     return settings
@@ -155,15 +136,6 @@ def _branch(branch: Branch) -> VeraBranch:
     return branch
 
 
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The vectors' and projections' dtype: the base weight's, float32 for a half-precision
-    (or smaller, or non-float) base, as PEFT's ``autocast_adapter_dtype``."""
-    dtype = weight.dtype
-    if not dtype.is_floating_point or dtype.itemsize < 4:
-        return torch.float32
-    return dtype
-
-
 class VeraMethod(Method):
     """VeRA: ``x ↦ W₀x + b ⊙ B(d ⊙ A x)`` with ``A``, ``B`` shared, frozen and random."""
 
@@ -172,7 +144,8 @@ class VeraMethod(Method):
     prefix = "vera_lambda_"
     branch_type = VeraBranch
     kinds = ("nn.Linear", "transformers.Conv1D")  # PEFT's VeraModel (no convolutions)
-    default_targets = _DefaultTargets()  # PEFT's, by config.model_type
+    # PEFT's, by config.model_type: LoRA's table, with its own entry for phi
+    default_targets = LoraDefaultTargets({"phi": ("q_proj", "v_proj")})
 
     # --- plan ---------------------------------------------------------------------------
     def settings(

@@ -26,7 +26,8 @@ from adaptc.spec.fields import (
     closed,
 )
 from adaptc.spec.method import PEFT_FORMAT_VERSION, Bad, MethodSpec
-from adaptc.spec.peft_targets import SELECTION_KEYS, selection_from_peft, selection_to_peft
+from adaptc.spec.peft_options import options_from_peft
+from adaptc.spec.peft_targets import selection_to_peft
 
 __all__ = ["SPEC", "VeraAdapter"]
 
@@ -113,8 +114,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "layers_to_transform": None,
     "layers_pattern": None,
 }
-_ENVELOPE = {"peft_type", "peft_version", "auto_mapping", "inference_mode", "task_type"}
-_ENVELOPE |= {"base_model_name_or_path", "revision"}
 _PLAIN: tuple[str, ...] = (
     "r",
     "projection_prng_key",
@@ -138,21 +137,14 @@ def to_peft(a: VeraAdapter, target_modules: list[str] | None) -> dict[str, Any]:
 
 def from_peft(cfg: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
     """The adapter's spec fields from PEFT's ``VeraConfig``; unsupported options are refused."""
-    adapter: dict[str, Any] = {"method": "vera"}
-    selection_from_peft(cfg, adapter)
-    for key, value in cfg.items():
-        if key in _ENVELOPE or key in SELECTION_KEYS:
-            continue
-        if key in _PLAIN:
-            adapter[key] = value
-        elif key == "init_weights":
-            if value is False:
-                adapter["init"] = "random"
-            elif value is not True:
-                bad(key, f"init_weights={value!r} is not supported by adaptc (true or false)")
-        elif value not in (None, False, {}, [], ""):
-            bad(key, f"{key!r} is not supported by adaptc for VeRA")
-    return adapter
+    return options_from_peft(
+        cfg,
+        bad,
+        method="vera",
+        title="VeRA",
+        plain=_PLAIN,
+        inits={"default": True, "random": False},
+    )
 
 
 SPEC = MethodSpec(
