@@ -15,8 +15,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS="ignore::FutureWarning"
 DRY=${GPU_DRY_RUN:-}
 OUT=${OUT:-/tmp/gpuout}
-DEADLINE=${GPU_DEADLINE_S:-450}
-STEPS=${GPU_STEPS:-tests,mixed,bench}  # a comma-separated subset, e.g. GPU_STEPS=mixed
+DEADLINE=${GPU_DEADLINE_S:-540}
+STEPS=${GPU_STEPS:-tests,mixed,bench,train}  # a comma-separated subset, e.g. GPU_STEPS=mixed
 PYTEST_K=${GPU_PYTEST_K:-}  # e.g. GPU_PYTEST_K=mixed: only those tests
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
@@ -32,6 +32,7 @@ if [[ -n $DRY ]]; then
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64)
     BENCH_SIZE=(--repeat 2 --warmup 1 --hidden 64 --layers 2 --skip compile-meta-70b)
     MIXED_SIZE=(--device cpu --dtype bf16 --quick)
+    TRAIN_SIZE=(--repeat 2 --warmup 1 --hidden 64 --layers 2 --train-batch 2 --train-seq 64)
 else
     PY=${PYTHON:-python3}
     DEVICE=cuda
@@ -41,6 +42,8 @@ else
     # run on the CPU whatever the device: keep the cheap 7b one, skip the 70b one
     BENCH_SIZE=(--repeat 10 --warmup 2 --skip compile-meta-70b)
     MIXED_SIZE=(--device cuda --dtype bf16)
+    # the training rows at a realistic size: 4 sequences of 1024 tokens on the 1B shape
+    TRAIN_SIZE=(--repeat 10 --warmup 2 --train-batch 4 --train-seq 1024)
 fi
 
 left() { echo $((DEADLINE - SECONDS)); }
@@ -125,11 +128,20 @@ if [[ ,$STEPS, == *,mixed,* ]]; then
         $PY benchmarks/mixed_batch.py "${MIXED_SIZE[@]}" --json "$OUT/mixed-$DEVICE.json"
 fi
 
-# (c) the benchmarks, torch-compile row last (the files are rewritten after each row)
-[[ ,$STEPS, == *,bench,* ]] && RESERVE=5 step "benchmarks/run.py" 260 \
+# (c) the benchmarks, torch-compile rows last (the files are rewritten after each row);
+# with (d) to come, keep time for it
+BENCH_RESERVE=5
+[[ ,$STEPS, == *,train,* ]] && BENCH_RESERVE=110
+[[ ,$STEPS, == *,bench,* ]] && RESERVE=$BENCH_RESERVE step "benchmarks/run.py" 260 \
     $PY benchmarks/run.py --device "$DEVICE" --dtype bf16 "${BENCH_SIZE[@]}" --keep-going \
     --results "$OUT/results-$DEVICE.json" --doc "$OUT/benchmarks-$DEVICE.md" \
     --chart "$OUT/benchmarks-$DEVICE.png"
+
+# (d) the training rows (eager and torch.compile) on a realistic batch
+[[ ,$STEPS, == *,train,* ]] && RESERVE=5 step "benchmarks/run.py (training, 4 x 1024)" 150 \
+    $PY benchmarks/run.py --device "$DEVICE" --dtype bf16 "${TRAIN_SIZE[@]}" --keep-going \
+    --only train-step-dropout torch-compile-train-step --results "$OUT/results-$DEVICE-train.json" \
+    --doc "$OUT/benchmarks-$DEVICE-train.md" --chart "$OUT/benchmarks-$DEVICE-train.png"
 
 echo "=== done in ${SECONDS}s; in $OUT:"
 ls -la "$OUT"

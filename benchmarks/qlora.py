@@ -68,33 +68,19 @@ def qlora_pair(path: Path, dtype: torch.dtype, device: str) -> tuple[Any, torch.
 
 
 def train_step(s: Any) -> dict[str, Any]:
-    from cases import inputs, median_times, row
+    from cases import median_times, row, stepper, train_inputs
 
     theirs, ours = qlora_pair(checkpoint(s), s.dtype, s.device)
-    x = inputs(s, 128, batch=2)
-
-    def stepper(model: torch.nn.Module):  # type: ignore[no-untyped-def]
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step() -> None:
-            model(**x, labels=x["input_ids"]).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    t = median_times({"ours": stepper(ours), "theirs": stepper(theirs)}, s)
+    x = train_inputs(s)
+    t = median_times({"ours": stepper(ours, x), "theirs": stepper(theirs, x)}, s)
     ratio = t["ours"] / t["theirs"]
     return row("qlora-train-step", "s", t["ours"], t["theirs"], None, ratio, "<=0.9")
 
 
 def train_memory(s: Any) -> dict[str, Any]:
-    from cases import _MEMORY_SCRIPT, peak_memory, row
+    from cases import _MEMORY_SCRIPT, memory_args, peak_memory, row
 
-    args = [str(HERE), str(s.hidden), str(s.layers), s.device,
-            str(s.dtype).removeprefix("torch."), str(checkpoint(s))]  # fmt: skip
-    peaks = peak_memory(_MEMORY_SCRIPT, args)
+    peaks = peak_memory(_MEMORY_SCRIPT, [*memory_args(s), str(checkpoint(s))])
     ratio = peaks["adaptc"] / peaks["peft"] if peaks["peft"] else None
     return row(
         "qlora-train-step-peak-memory", "bytes", peaks["adaptc"], peaks["peft"], None, ratio,

@@ -2,13 +2,15 @@
 
 Usage: python benchmarks/run.py [--quick] [--device cpu|cuda] [--dtype fp32|bf16]
        [--only NAME...] [--skip NAME...] [--results FILE] [--doc FILE] [--chart FILE]
-       [--repeat N] [--warmup N] [--hidden N] [--layers N] [--keep-going]
+       [--repeat N] [--warmup N] [--hidden N] [--layers N] [--train-batch N]
+       [--train-seq N] [--keep-going]
 Writes ``benchmarks/results.json`` (a list of rows ``{name, unit, adaptc, peft, base,
 ratio, target, met}``), the table in ``docs/benchmarks.md`` (with the machine and the
 versions) and a chart of each ratio against its target (PNG). ``--quick`` uses fewer
 repetitions and gives the same rows. The files are rewritten after every row, so a run
 cut short still leaves the rows it finished. ``--keep-going`` records a failing row
-(``error``) and goes on to the next one.
+(``error``) and goes on to the next one. ``docs/benchmarks.md`` ends with
+``benchmarks/profile-summary.md`` when that file exists (``benchmarks/op_profile.py``).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 2, quick 1)")
     parser.add_argument("--hidden", type=int, help="model width (cpu 512, cuda 2048)")
     parser.add_argument("--layers", type=int, help="model depth (cpu 6, cuda 16)")
+    parser.add_argument("--train-batch", type=int, help="training rows' batch (default 2)")
+    parser.add_argument("--train-seq", type=int, help="training rows' length (default 128)")
     parser.add_argument("--keep-going", action="store_true", help="record a failing row, go on")
     args = parser.parse_args()
     torch.set_num_threads(2)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     size = {"hidden": 2048, "layers": 16} if args.device == "cuda" else {}
-    size.update({k: getattr(args, k) for k in ("hidden", "layers") if getattr(args, k)})
+    size.update({k: getattr(args, k) for k in ("hidden", "layers", "train_batch", "train_seq")
+                 if getattr(args, k)})  # fmt: skip
     settings = Settings(
         repeat=args.repeat or (3 if args.quick else 10),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
@@ -128,6 +133,11 @@ def markdown(
         f"Python {platform.python_version()}",
         "- model: Llama-style config (see `benchmarks/cases.py`), targets q/k/v/o + MLP, r 16"
         + ("" if _default_size(args, s) else f", hidden {s.hidden}, {s.layers} layers")
+        + (
+            ""
+            if (s.train_batch, s.train_seq) == (Settings.train_batch, Settings.train_seq)
+            else f", training batch {s.train_batch} × {s.train_seq} tokens"
+        )
         + f"; {'quick run' if args.quick else 'full run'}, {elapsed:.0f} s",
         "- ratio: adaptc / peft (overhead rows: adaptc's overhead over the base model / "
         "peft's); merged row: merged / base",
@@ -137,6 +147,10 @@ def markdown(
         "- qlora rows: the same Llama loaded 4-bit (bitsandbytes nf4, double quant), the same "
         "adapter for both libraries (`benchmarks/qlora.py`); `qlora-weights-vs-lora`: the "
         "bytes the compiled 4-bit model holds / the same adapter on the float model",
+        "- saved-for-backward rows: the MiB of activations one training forward keeps for "
+        "backward (each storage once, the model's weights not counted); base: the frozen base "
+        "model's own; `torch-compile-train-step`: the train step of both models under "
+        "`torch.compile`, compilation in the untimed warm-up",
         *(
             ["- GPU figures (H200, bf16, Llama-1B shape): [benchmarks-cuda.md](benchmarks-cuda.md)"]
             if args.device == "cpu" and (Path(args.doc).parent / "benchmarks-cuda.md").is_file()
@@ -153,7 +167,21 @@ def markdown(
             met = f"error: {r['error'].splitlines()[0][:120]}"
         lines.append(f"| {r['name']} | {r['unit']} | {' | '.join(cells)} | {r['target']} | {met} |")
     lines += ["", f"![ratios against their targets]({Path(args.chart).name})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + (profile_summary() if args.device == "cpu" else []))  # a CPU profile
+
+
+def profile_summary(path: Path = HERE / "profile-summary.md") -> list[str]:
+    """The profiler's summary (``benchmarks/profile-summary.md``, written by
+    ``benchmarks/op_profile.py``) as a section, or nothing when there is none."""
+    if not path.is_file():
+        return []
+    body = path.read_text().strip().splitlines()
+    if body and body[0].startswith("# "):  # the file's own title: the heading replaces it
+        body = body[1:]
+    return ["## Profile (torch.profiler)", "",
+            "From `benchmarks/profile-summary.md`, written by `python benchmarks/op_profile.py` "
+            "(run on its own, by hand: its figures come from that run, not from this table's).",
+            *body, ""]  # fmt: skip
 
 
 _DEFAULTS = {"device": "cpu", "dtype": "fp32"}

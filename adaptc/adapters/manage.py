@@ -77,7 +77,7 @@ def add_adapter(model: nn.Module, spec: Spec | Any) -> list[str]:
     for layer, child_name, branch in built:
         layer.add_module(child_name, branch)
         if id(layer) not in called:
-            _replace(model, layer, wrap_leaf(layer))
+            _replace(model, layer, wrap_leaf(layer, options=info.spec.compile))
             called.add(id(layer))
     renest(model)
     for name, path, _ in plan.modules_to_save:

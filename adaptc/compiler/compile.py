@@ -106,7 +106,7 @@ def _compile(model: nn.Module, spec: Spec | Any) -> nn.Module:
     targets |= host_parameters(new, owners, active)
     wrappers = _wrap_modules_to_save(new, plan)
     holders = _holders(new, targets)
-    root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active)
+    root = frontier(new, lambda m: id(m) in holders, targets, wrappers, active, spec.compile)
     root.__dict__[STATE] = Compiled(spec, plan, active)
     for name, settings in spec.adapters.items():  # model-level behaviour of each method
         method(settings.method).finish(root, name, settings)

@@ -22,9 +22,11 @@ from torch import fx, nn
 from adaptc.compiler.codecache import CachedGraphModule
 from adaptc.compiler.patterns import HOOKS, Key, PatternGraphModule, patterns_of, set_patterns
 from adaptc.compiler.saved import ModulesToSave
+from adaptc.compiler.training import drop_regions, optimise
 from adaptc.layers import kind_of
 from adaptc.methods.base import Branch
 from adaptc.methods.registry import branches_of, method_of
+from adaptc.spec.compile_options import CompileOptions
 
 __all__ = [
     "MERGED",
@@ -89,11 +91,13 @@ def insert_branches(
 
     With ``site``, each target call gets the node(s) ``site`` emits instead (a mixed
     batch's one node per call, :mod:`adaptc.adapters.mixed`). The graphs of the module's other
-    argument patterns are rebuilt alike. Returns the number of branch sites emitted in
-    the main graph (a layer called twice counts twice).
+    argument patterns are rebuilt alike, and each goes through the training passes of
+    the module's compile options (``meta["adaptc"]["options"]``). Returns the number of
+    branch sites emitted in the main graph (a layer called twice counts twice).
     """
     graph = copy.deepcopy(gm.meta["adaptc"]["base_graph"])
-    sites = emit_branches(graph, gm.get_submodule, active, site=site)
+    drop_regions(gm)  # the earlier graphs' (rematerialised regions are re-made below)
+    sites = emit_branches(graph, gm, active, site=site, options=options_of(gm))
     patterns = patterns_of(gm)
     if patterns is None:
         set_graph(gm, graph)
@@ -123,20 +127,43 @@ def _emitted(
     gm: fx.GraphModule, base: fx.Graph, active: Sequence[str], site: SiteEmitter | None
 ) -> fx.Graph:
     graph = copy.deepcopy(base)
-    emit_branches(graph, gm.get_submodule, active, site=site)
+    emit_branches(graph, gm, active, site=site, options=options_of(gm))
     return graph
 
 
+def options_of(gm: fx.GraphModule) -> CompileOptions | None:
+    """The compile options ``gm``'s graphs are built with (None: no training passes)."""
+    options = gm.meta.get("adaptc", {}).get("options")
+    return options if isinstance(options, CompileOptions) else None
+
+
 def emit_branches(
+    graph: fx.Graph,
+    owner: nn.Module,
+    active: Sequence[str],
+    *,
+    site: SiteEmitter | None = None,
+    options: CompileOptions | None = None,
+) -> int:
+    """Emit the branches of ``active`` adapters into ``graph`` (in place); lint it.
+
+    Each branch is emitted by its method, in ``active`` order, on the output so far.
+    ``owner`` is the module whose children the graph calls. With ``options``, the
+    training passes (:mod:`adaptc.compiler.training`) then run over the graph (not on a
+    mixed batch's ``site`` graphs); a rematerialised region is registered on ``owner``."""
+    sites = _emit(graph, owner.get_submodule, active, site=site)
+    if options is not None and site is None and sites:
+        optimise(graph, owner, options)
+    return sites
+
+
+def _emit(
     graph: fx.Graph,
     lookup: Callable[[str], nn.Module],
     active: Sequence[str],
     *,
     site: SiteEmitter | None = None,
 ) -> int:
-    """Emit the branches of ``active`` adapters into ``graph`` (in place); lint it.
-
-    Each branch is emitted by its method, in ``active`` order, on the output so far."""
     sites = 0
     for node, layer in target_nodes(lookup, graph):
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))

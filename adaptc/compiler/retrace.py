@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from adaptc.compiler.errors import AdaptcWarning
-from adaptc.compiler.passes import add_pattern, insert_branches
+from adaptc.compiler.passes import add_pattern, insert_branches, options_of
 from adaptc.compiler.patterns import (
     HOOKS,
     MAX_PATTERNS,
@@ -96,7 +96,7 @@ def run_untraced(gm: PatternGraphModule, args: tuple[Any, ...]) -> Any:
             return done[id(module)]
         result = module
         if branches_of(module):
-            result = wrap_leaf(module)
+            result = wrap_leaf(module, options=options_of(gm))
             insert_branches(result, active, site=site)
         elif not _opaque(module):
             children = {n: c if c is None else wrapped(c) for n, c in module._modules.items()}

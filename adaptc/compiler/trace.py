@@ -27,9 +27,11 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import PH, _assert_is_none
 
 from adaptc.compiler.codecache import CachedGraphModule
+from adaptc.compiler.leaves import LeafFunctionTracer
 from adaptc.compiler.passes import emit_branches
 from adaptc.compiler.patterns import PatternGraphModule, Patterns, kind, sensitive_parameters
 from adaptc.layers import find_kind
+from adaptc.spec.compile_options import CompileOptions
 
 __all__ = ["AdaptedLayer", "frontier", "is_adapted_graph"]
 
@@ -57,7 +59,7 @@ def is_adapted_graph(module: nn.Module) -> bool:
     return isinstance(module, fx.GraphModule) and "adaptc" in getattr(module, "meta", {})
 
 
-class _LeafTracer(fx.Tracer):
+class _LeafTracer(LeafFunctionTracer):
     def __init__(self, leaves: set[int] | None = None) -> None:  # no args when unpickling
         super().__init__()
         self.leaves = leaves or set()
@@ -75,12 +77,14 @@ def frontier(
     targets: set[int],
     opaque: set[int] = frozenset(),  # type: ignore[assignment]
     active: Sequence[str] = (),
+    options: CompileOptions | None = None,
 ) -> nn.Module:
     """Replace the subtrees of ``root`` that hold targets with graph modules (in place).
 
     ``holds_target(m)`` says whether ``m`` is or contains a target; ``targets`` are the ids
     of the target layers, ``opaque`` those of other modules the tracer must not enter
-    (modules_to_save wrappers). Each graph gets the branches of the ``active`` adapters.
+    (modules_to_save wrappers). Each graph gets the branches of the ``active`` adapters
+    and the training passes of ``options`` (kept in ``meta["adaptc"]["options"]``).
     Returns the new root, which is ``root`` itself unless the whole model traced.
     """
     leaves = targets | opaque
@@ -93,9 +97,9 @@ def frontier(
         if is_adapted_graph(module):  # built already (a host of targeted parameters)
             result: nn.Module = module
         elif id(module) in targets:
-            result = wrap_leaf(module, active)
+            result = wrap_leaf(module, active, options)
         else:
-            traced = _try_trace(module, leaves, active, traces)
+            traced = _try_trace(module, leaves, active, traces, options)
             if traced is not None:
                 result = traced
             else:
@@ -148,6 +152,7 @@ def _try_trace(
     leaves: set[int],
     active: Sequence[str],
     traces: _Traces,
+    options: CompileOptions | None = None,
 ) -> fx.GraphModule | None:
     """A graph module for ``module``, or None when it cannot be traced faithfully.
 
@@ -181,7 +186,9 @@ def _try_trace(
             main=tuple(kind(value) for value in fixed.values()),
             emitted=(tuple(active), None),
         )
-    return _graph_module(module, graph, type(module).__name__, active=active, patterns=patterns)
+    return _graph_module(
+        module, graph, type(module).__name__, active=active, patterns=patterns, options=options
+    )
 
 
 def _trace_fixing_what_it_must(
@@ -348,12 +355,15 @@ def _graph_module(
     cls: type[fx.GraphModule] = CachedGraphModule,
     active: Sequence[str] = (),
     patterns: Patterns | None = None,
+    options: CompileOptions | None = None,
 ) -> fx.GraphModule:
     if patterns is not None:
         cls = PatternGraphModule
+    if graph._tracer_cls is None:  # built by hand (a leaf's wrapper): unpickling traces it
+        graph._tracer_cls = LeafFunctionTracer
     base = copy.deepcopy(graph)
     if active:  # emit the branches before the module is built: its code is generated once
-        emit_branches(graph, module.get_submodule, active)
+        emit_branches(graph, module, active, options=options)
     gm = cls(module, graph, class_name=class_name)
     # GraphModule copies only what the graph touches, and fills paths with plain Modules:
     # put back the real children (ModuleList stays a ModuleList) and everything else.
@@ -372,14 +382,16 @@ def _graph_module(
     gm.train(module.training)
     # the graph without adapters, kept to re-emit branches (switching) and for merge;
     # GraphModule.meta survives deepcopy, unlike ad-hoc attributes
-    gm.meta["adaptc"] = {"base_graph": base, "source": type(module).__name__}
+    gm.meta["adaptc"] = {"base_graph": base, "source": type(module).__name__, "options": options}
     if patterns is not None:
         gm.meta["adaptc"]["patterns"] = patterns
         gm.recompile()  # a class with the pattern check
     return gm
 
 
-def wrap_leaf(layer: nn.Module, active: Sequence[str] = ()) -> fx.GraphModule:
+def wrap_leaf(
+    layer: nn.Module, active: Sequence[str] = (), options: CompileOptions | None = None
+) -> fx.GraphModule:
     holder = nn.Module()
     holder.base_layer = layer
     holder.train(layer.training)
@@ -387,7 +399,7 @@ def wrap_leaf(layer: nn.Module, active: Sequence[str] = ()) -> fx.GraphModule:
     inputs = [graph.placeholder(name, default_value=default) for name, default in _inputs(layer)]
     graph.output(graph.call_module("base_layer", tuple(inputs)))
     name = f"Adapted{type(layer).__name__}"
-    return _graph_module(holder, graph, name, cls=AdaptedLayer, active=active)
+    return _graph_module(holder, graph, name, cls=AdaptedLayer, active=active, options=options)
 
 
 _NO_DEFAULT = inspect.Signature.empty

@@ -1,5 +1,6 @@
 """The spec language: models, loading with located errors, PEFT conversion."""
 
+from adaptc.spec.compile_options import CompileOptions
 from adaptc.spec.errors import SpecError, SpecIssue, SpecWarning
 from adaptc.spec.load import FileReport, check_file, check_file_report, load_spec, spec_from_data
 from adaptc.spec.model import (
@@ -19,6 +20,7 @@ from adaptc.spec.schema import json_schema
 __all__ = [
     "AllLinearTargets",
     "BaseModelRef",
+    "CompileOptions",
     "FileReport",
     "LayerSelection",
     "LoraAdapter",

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from adaptc.spec.compile_options import CompileOptions
 from adaptc.spec.fields import (
     ADAPTER_NAME_PATTERN,
     LAYER_TYPES,
@@ -54,6 +55,7 @@ __all__ = [
     "AdapterSettings",
     "AllLinearTargets",
     "BaseModelRef",
+    "CompileOptions",
     "FieldError",
     "LayerSelection",
     "LoraAdapter",
@@ -149,6 +151,11 @@ class Spec(BaseModel):
     merge: StrictBool = Field(
         default=False,
         description="Merge the adapters into the base weights after compiling (inference).",
+    )
+    compile: CompileOptions = Field(
+        default_factory=CompileOptions,
+        description="Graph passes for training and unmerged inference (each exact, each "
+        "on by default): `dropout`, `rematerialize`, `fuse_siblings`, `fuse_add`.",
     )
 
     @model_validator(mode="after")

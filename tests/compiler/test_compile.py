@@ -41,15 +41,19 @@ def test_custom_model_becomes_one_graph_with_lora_nodes():
     new = adaptc.compile(model, spec(names("linear"), r=4, lora_alpha=8))
     assert isinstance(new, fx.GraphModule)
     code = new.code
-    assert "self.linear.lora_default.lora_A(" in code
-    assert "self.linear.lora_default.lora_B(" in code
+    # the branch's linears, called as functions (compile option fuse_add)
+    assert "self.linear.lora_default.lora_A" in code and "call_linear(" in code
+    assert "self.linear.lora_default.lora_B" in code and "lora_add(" in code
     assert "dropout" not in code  # p = 0: no dropout node at all
     assert "* 2.0" in code  # scaling lora_alpha / r
 
 
 def test_dropout_node_only_when_p_positive():
+    saved = {**spec(names("linear"), lora_dropout=0.1), "compile": {"dropout": "save"}}
+    assert "self.linear.lora_default.lora_dropout(" in adaptc.compile(DummyModel(), saved).code
+    # by default, dropout and lora_A are one function (adaptc.compiler.dropout)
     new = adaptc.compile(DummyModel(), spec(names("linear"), lora_dropout=0.1))
-    assert "self.linear.lora_default.lora_dropout(" in new.code
+    assert "dropout_linear(" in new.code and "lora_dropout(" not in new.code
 
 
 def test_forward_signature_keeps_positional_and_keyword_arguments():
