@@ -154,6 +154,7 @@ def emit_branches(
     sites = _emit(graph, owner.get_submodule, active, site=site)
     if options is not None and site is None and sites:
         optimise(graph, owner, options)
+    graph.lint()  # once, after every rewrite
     return sites
 
 
@@ -197,7 +198,6 @@ def _emit(
                 current.replace_all_uses_with(out, delete_user_cb=_outside(new))
                 current = out
             sites += 1
-    graph.lint()
     return sites
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from adaptc.compiler.codecache import CachedGraphModule
+from adaptc.compiler.codecache import CachedGraphModule, code_key
 from adaptc.compiler.dropout import dropout_linear
 from adaptc.compiler.fuse import fused_linear
 from adaptc.compiler.leaves import LeafFunctionTracer, leaf
@@ -49,7 +49,7 @@ _ELEMENTWISE_METHODS = frozenset(
 
 class Rematerialized(nn.Module):
     """One region: its element-wise part (``region``) and the adapter layers reading it
-    (``consumers``), run as one call of the graph.
+    (``consumers``), run as one call of the graph; ``plain`` is both as one graph.
 
     While gradients are recorded (eager), the element-wise part runs under
     :class:`_Recompute`, which saves only its inputs and recomputes it in backward, and the
@@ -62,6 +62,7 @@ class Rematerialized(nn.Module):
         self,
         region: fx.GraphModule,
         consumers: fx.GraphModule,
+        plain: fx.GraphModule,
         region_inputs: list[int],
         consumer_inputs: list[int],
         visible: list[int],
@@ -69,20 +70,20 @@ class Rematerialized(nn.Module):
         super().__init__()
         self.region = region
         self.consumers = consumers
+        self.plain = plain  # both in one graph: the unoptimised operations
         self.region_inputs = region_inputs  # which call arguments each part takes
         self.consumer_inputs = consumer_inputs
         self.visible = visible  # the region outputs the graph reads after the call
 
     def forward(self, *args: Any) -> tuple[Any, ...]:
-        inputs = [args[i] for i in self.region_inputs]
-        rest = [args[i] for i in self.consumer_inputs]
         if (
             not torch.is_grad_enabled()
             or torch.compiler.is_compiling()  # the compiler's partitioner chooses by itself
             or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
         ):
-            outs = self.region(*inputs)
-            return (*[outs[i] for i in self.visible], *self.consumers(*outs, *rest))
+            return self.plain(*args)  # type: ignore[no-any-return]
+        inputs = [args[i] for i in self.region_inputs]
+        rest = [args[i] for i in self.consumer_inputs]
         outs = _Recompute.apply(self.region, *inputs)  # type: ignore[no-untyped-call]
         recipe = _Recipe(self.region, inputs, outs)
         with torch.autograd.graph.saved_tensors_hooks(recipe.pack, recipe.unpack):
@@ -186,8 +187,6 @@ def rematerialize(graph: fx.Graph, owner: nn.Module) -> int:
         region = _grow(root)
         _replace(graph, owner, root, region, consumers)
         regions += 1
-    if regions:
-        graph.lint()
     return regions
 
 
@@ -261,13 +260,9 @@ def _replace(
     part_c, c_inputs = _subgraph(consumers, consumer_outs, inputs, fed)
     visible = [i for i, n in enumerate(region_outs) if any(u not in inside for u in n.users)]
     outputs = [region_outs[i] for i in visible] + consumer_outs
+    plain, _ = _subgraph(ordered, outputs, inputs, {})  # both parts, for a plain run
     name = _free_name(owner)
-    module = Rematerialized(
-        CachedGraphModule(nn.Module(), part_r, "Region"),
-        CachedGraphModule(nn.Module(), part_c, "RegionConsumers"),
-        r_inputs, c_inputs, visible,
-    )  # fmt: skip
-    owner.add_module(name, module)
+    owner.add_module(name, _region(part_r, part_c, plain, r_inputs, c_inputs, visible))
     with graph.inserting_before(root.next):  # in order, right after the region's end
         new_inputs = [  # module handles again here: the originals may come later
             graph.get_attr(str(arg.target)) if arg.op == "get_attr" else arg for arg in inputs
@@ -324,6 +319,41 @@ def _subgraph(
     sub.output(tuple(env[n] for n in outs))
     sub._tracer_cls = LeafFunctionTracer  # unpickling traces the code: keep the leaves
     return sub, used
+
+
+def _region(
+    part_r: fx.Graph,
+    part_c: fx.Graph,
+    plain: fx.Graph,
+    r_inputs: list[int],
+    c_inputs: list[int],
+    visible: list[int],
+) -> Rematerialized:
+    """The region module for these graphs: one instance per distinct pair, shared (a region
+    holds no state: its modules come in as arguments), so the 32 MLP blocks of a 7B model
+    build one."""
+    key_r, key_c = code_key(part_r), code_key(part_c)
+    key = (
+        None
+        if key_r is None or key_c is None
+        else (key_r, key_c, *map(tuple, (r_inputs, c_inputs, visible)))
+    )
+    found = _REGIONS.get(key) if key is not None else None
+    if found is None:
+        found = Rematerialized(
+            CachedGraphModule(nn.Module(), part_r, "Region"),
+            CachedGraphModule(nn.Module(), part_c, "RegionConsumers"),
+            CachedGraphModule(nn.Module(), plain, "RegionPlain"),
+            r_inputs, c_inputs, visible,
+        )  # fmt: skip
+        if key is not None:
+            if len(_REGIONS) >= 1024:
+                _REGIONS.clear()
+            _REGIONS[key] = found
+    return found
+
+
+_REGIONS: dict[tuple[Any, ...], Rematerialized] = {}
 
 
 def _free_name(owner: nn.Module) -> str:

@@ -46,6 +46,4 @@ def optimise(graph: fx.Graph, owner: nn.Module, options: CompileOptions) -> Opti
     adds = fuse_add(graph, owner) if options.fuse_add else 0
     if options.fuse_add:
         adds += functional_linears(graph, owner)
-    if dropouts or fused or adds:
-        graph.lint()
     return Optimised(dropouts, fused, regions, adds)

@@ -6,6 +6,8 @@ exact: the outputs and gradients of an optimised model are those of the unoptimi
 another order, and ``fuse_add`` with a scaling that is not a power of two, which scales a
 product before rounding it: both stay within PEFT's parity tolerance). They change what a
 training step keeps for backward and how many kernels it launches, never what it computes.
+``dropout`` and ``rematerialize`` are on by default; ``fuse_siblings`` (not bit-identical)
+and ``fuse_add`` (no gain measured on the CPU) are off.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ __all__ = ["CompileOptions"]
 
 
 class CompileOptions(BaseModel):
-    """Graph passes for training and unmerged inference, each exact, each on by default."""
+    """Graph passes for training and unmerged inference, each exact; the bit-identical ones
+    that pay (``dropout``, ``rematerialize``) are on by default."""
 
     model_config = closed()
     dropout: Literal["auto", "regenerate", "mask", "save"] = Field(
@@ -40,18 +43,18 @@ class CompileOptions(BaseModel):
         "saves fewer tensors (the block's `gate` and `up` instead of four intermediates).",
     )
     fuse_siblings: StrictBool = Field(
-        default=True,
+        default=False,
         description="LoRA `A` factors of targets that read the same input in one traced "
         "graph (an MLP's `gate_proj` and `up_proj`) run as one matmul over the "
         "concatenated factors, forward and backward; the factors stay separate parameters "
         "(same state dict, same files). Not bit-identical: the fused matmul sums in "
-        "another order (within PEFT's parity tolerance).",
+        "another order (within PEFT's parity tolerance), so off by default.",
     )
     fuse_add: StrictBool = Field(
-        default=True,
+        default=False,
         description="Unmerged inference (no gradients recorded): each LoRA branch's `lora_B` "
         "matmul, scaling and add into the layer's output run as one `addmm` (from 64 rows "
         "on); and the branches' linear layers are called as functions (`F.linear`, bit for "
         "bit the same) unless a hook is registered. Training runs the same operations as "
-        "without it.",
+        "without it. Off by default: no gain measured on the CPU (docs/training-passes.md).",
     )

@@ -154,8 +154,8 @@ class Spec(BaseModel):
     )
     compile: CompileOptions = Field(
         default_factory=CompileOptions,
-        description="Graph passes for training and unmerged inference (each exact, each "
-        "on by default): `dropout`, `rematerialize`, `fuse_siblings`, `fuse_add`.",
+        description="Graph passes for training and unmerged inference, each exact: "
+        "`dropout` and `rematerialize` (on by default), `fuse_siblings` and `fuse_add` (off).",
     )
 
     @model_validator(mode="after")
