@@ -16,7 +16,16 @@ from typing import Any
 
 import torch
 import transformers as tf
-from cases import TARGETS, Settings, base_model, inputs, median_time, median_times, row
+from cases import (
+    TARGETS,
+    Settings,
+    base_model,
+    inputs,
+    median_time,
+    median_times,
+    row,
+    stepper,
+)  # fmt: skip
 
 import adaptc
 from adaptc.methods import NAMES
@@ -65,20 +74,7 @@ def train_step(s: Settings, method: str) -> dict[str, Any]:
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     ours = adaptc.compile(base, _spec(config))
     x = inputs(s, 128, batch=2)
-
-    def stepper(model: torch.nn.Module) -> Callable[[], None]:
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step() -> None:
-            loss = model(**x, labels=x["input_ids"]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    t = median_times({"ours": stepper(ours), "theirs": stepper(theirs)}, s)
+    t = median_times({"ours": stepper(ours, x), "theirs": stepper(theirs, x)}, s)
     ratio = t["ours"] / t["theirs"]
     return row(f"train-step-{method}", "s", t["ours"], t["theirs"], None, ratio, "<=0.9")
 
