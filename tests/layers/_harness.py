@@ -169,7 +169,7 @@ class Compiled:
     def emit(self, active: list[str]) -> None:
         """The compiler's pass: the base graph with the branches of ``active``."""
         graph = copy.deepcopy(self.base_graph)
-        emit_branches(graph, self.gm.get_submodule, active)
+        emit_branches(graph, self.gm, active)
         self.gm.graph = graph
         self.gm.recompile()
 
