@@ -15,8 +15,6 @@ the graph's outputs and gradients (see each module).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import fx, nn
 
 from adaptc.compiler.addmm import functional_linears, fuse_add
@@ -25,25 +23,16 @@ from adaptc.compiler.fuse import fuse_siblings
 from adaptc.compiler.remat import drop_regions, rematerialize
 from adaptc.spec.compile_options import CompileOptions
 
-__all__ = ["Optimised", "drop_regions", "optimise"]
+__all__ = ["drop_regions", "optimise"]
 
 
-@dataclass(frozen=True)
-class Optimised:
-    """What the passes did to one graph."""
-
-    dropouts: int = 0  # dropout → lora_A pairs now one function
-    fused: int = 0  # lora_A calls now part of a fused matmul
-    regions: int = 0  # rematerialised element-wise regions
-    adds: int = 0  # lora_B + scaling + add now lora_add, and linears now call_linear
-
-
-def optimise(graph: fx.Graph, owner: nn.Module, options: CompileOptions) -> Optimised:
-    """Run the passes ``options`` switch on over ``graph``, whose modules live on ``owner``."""
+def optimise(graph: fx.Graph, owner: nn.Module, options: CompileOptions) -> int:
+    """Run the passes ``options`` switch on over ``graph``, whose modules live on ``owner``;
+    returns the number of rewrites."""
     dropouts = 0 if options.dropout == "save" else regenerate_dropout(graph, owner, options.dropout)
     fused = fuse_siblings(graph, owner) if options.fuse_siblings else 0
     regions = rematerialize(graph, owner) if options.rematerialize else 0
     adds = fuse_add(graph, owner) if options.fuse_add else 0
     if options.fuse_add:
         adds += functional_linears(graph, owner)
-    return Optimised(dropouts, fused, regions, adds)
+    return dropouts + fused + regions + adds
